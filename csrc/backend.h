@@ -1,0 +1,76 @@
+// The few virtual-memory operations the pool needs. Two real implementations:
+// HostBackend (Linux mmap + memfd) and CudaBackend (CUDA driver VMM API).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+namespace ellm {
+
+// Where a physical chunk lives. Device is the fast tier the budget governs;
+// Host is the borrowing tier (host-located memory the device can still address).
+enum class Location { Device = 0, Host = 1 };
+
+using Handle = uint64_t;
+
+// A failed backend call: the message names the call and the error code.
+struct BackendError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Bad arguments from the caller (sizes, states, names).
+struct InvalidArgument : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+
+// A VirtualTensor (or other handle) used after it was released.
+struct UseAfterRelease : std::logic_error {
+  using std::logic_error::logic_error;
+};
+
+struct Capabilities {
+  bool virtual_memory = false;   // reserve/map/unmap work at all
+  bool host_chunks = false;      // Location::Host chunks can be mapped into a range
+  std::string host_location;     // how host chunks are placed ("memfd", "HOST_NUMA", "HOST", "")
+  std::string device_name;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+  virtual int device() const = 0;
+  // Smallest chunk size and alignment for reserve/map.
+  virtual size_t granularity() const = 0;
+  virtual Capabilities capabilities() const = 0;
+
+  virtual uintptr_t reserve(size_t bytes) = 0;
+  virtual void free_range(uintptr_t addr, size_t bytes) = 0;
+
+  virtual Handle create_chunk(size_t bytes, Location where) = 0;
+  virtual void release_chunk(Handle h, size_t bytes, Location where) = 0;
+
+  // map + set_access make [addr, addr+bytes) usable; unmap returns it to reserved-only.
+  virtual void map(uintptr_t addr, size_t bytes, Handle h) = 0;
+  virtual void set_access(uintptr_t addr, size_t bytes) = 0;
+  virtual void unmap(uintptr_t addr, size_t bytes) = 0;
+  // Point a mapped range at another chunk. The driver needs unmap first; the
+  // host backend overrides this with an atomic MAP_FIXED replacement.
+  virtual void remap(uintptr_t addr, size_t bytes, Handle h) {
+    unmap(addr, bytes);
+    map(addr, bytes, h);
+    set_access(addr, bytes);
+  }
+
+  // Copy between two mapped addresses; returns when the bytes have landed.
+  virtual void copy(uintptr_t dst, uintptr_t src, size_t bytes) = 0;
+  // Wait until no queued work can still touch memory we are about to unmap.
+  virtual void synchronize() = 0;
+};
+
+std::unique_ptr<Backend> make_host_backend(size_t granularity);
+std::unique_ptr<Backend> make_cuda_backend(int device);
+
+}  // namespace ellm

@@ -1,0 +1,219 @@
+// torch_ellm._C: the Python face of the core. Thin: argument conversion,
+// error translation, GIL release around anything that may block.
+#include <pybind11/functional.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "dlpack.h"
+#include "pool.h"
+#include "virtual_tensor.h"
+
+namespace py = pybind11;
+using namespace ellm;
+
+namespace {
+
+// Python exception classes, set by torch_ellm/__init__.py so that OOM is a torch.OutOfMemoryError.
+py::object oom_error, released_error, backend_error;
+
+struct View {
+  std::shared_ptr<VirtualTensor> vt;  // keeps the range mapped while torch uses it
+  size_t end;
+  std::vector<int64_t> shape;
+  dlpack::ManagedTensor managed;
+};
+
+void delete_view(dlpack::ManagedTensor* m) {
+  auto* v = static_cast<View*>(m->manager_ctx);
+  v->vt->drop_view(v->end);
+  delete v;
+}
+
+py::capsule make_view(const std::shared_ptr<VirtualTensor>& vt, size_t offset, std::vector<int64_t> shape,
+                      uint8_t code, uint8_t bits, int device_type, int device_id) {
+  size_t count = 1;
+  for (int64_t d : shape) {
+    if (d < 0) throw InvalidArgument("negative dimension in shape");
+    count *= static_cast<size_t>(d);
+  }
+  size_t end = offset + count * (bits / 8);
+  {
+    py::gil_scoped_release nogil;
+    vt->add_view(end);
+  }
+  auto* v = new View{vt, end, std::move(shape), {}};
+  v->managed.dl_tensor = {reinterpret_cast<void*>(vt->data_ptr() + offset),
+                          {device_type, device_id},
+                          static_cast<int32_t>(v->shape.size()),
+                          {code, bits, 1},
+                          v->shape.data(),
+                          nullptr,
+                          0};
+  v->managed.manager_ctx = v;
+  v->managed.deleter = delete_view;
+  return py::capsule(&v->managed, "dltensor", [](PyObject* cap) {
+    // Only an unconsumed capsule still owns the view; torch renames it once it takes over.
+    if (PyCapsule_IsValid(cap, "dltensor")) {
+      auto* m = static_cast<dlpack::ManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
+      m->deleter(m);
+    }
+  });
+}
+
+std::shared_ptr<Pool> make_pool(const std::string& backend, int device, size_t budget, size_t host_budget,
+                                size_t chunk_bytes, size_t granularity) {
+  std::unique_ptr<Backend> b;
+  if (backend == "host")
+    b = make_host_backend(granularity);
+  else if (backend == "cuda")
+    b = make_cuda_backend(device);
+  else
+    throw InvalidArgument("unknown backend '" + backend + "': expected 'host' or 'cuda'");
+  if (chunk_bytes == 0) chunk_bytes = std::max<size_t>(b->granularity(), 2 << 20);
+  return std::make_shared<Pool>(std::move(b), chunk_bytes, budget, host_budget);
+}
+
+// Wraps a Python callable so copies and destruction never touch Python refcounts without the GIL.
+template <typename R, typename... Args>
+std::function<R(Args...)> from_python(py::function f) {
+  auto held = std::shared_ptr<py::function>(new py::function(std::move(f)), [](py::function* p) {
+    py::gil_scoped_acquire gil;
+    delete p;
+  });
+  return [held](Args... args) -> R {
+    py::gil_scoped_acquire gil;
+    return (*held)(args...).template cast<R>();
+  };
+}
+
+// A getter that may wait on a tensor's lock: the holder may need the GIL for a consumer callback.
+template <typename R>
+auto without_gil(R (VirtualTensor::*get)() const) {
+  return [get](const VirtualTensor& v) {
+    py::gil_scoped_release nogil;
+    return (v.*get)();
+  };
+}
+
+py::dict event_dict(const Event& e) {
+  py::dict d, tags;
+  d["t"] = e.t;
+  d["kind"] = e.kind;
+  d["bytes"] = e.bytes;
+  d["seconds"] = e.seconds;
+  d["device_bytes"] = e.device_bytes;
+  d["host_bytes"] = e.host_bytes;
+  for (int i = 0; i < kNumTags; ++i) tags[tag_name(static_cast<Tag>(i))] = e.tag_bytes[i];
+  d["tag_bytes"] = tags;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "torch_ellm core: backends, pool, virtual tensors";
+  using release_gil = py::call_guard<py::gil_scoped_release>;
+
+  m.def("_set_error_classes", [](py::object oom, py::object released, py::object backend) {
+    oom_error = oom;
+    released_error = released;
+    backend_error = backend;
+  });
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const OutOfMemory& e) {
+      PyErr_SetString(oom_error ? oom_error.ptr() : PyExc_MemoryError, e.what());
+    } catch (const UseAfterRelease& e) {
+      PyErr_SetString(released_error ? released_error.ptr() : PyExc_RuntimeError, e.what());
+    } catch (const BackendError& e) {
+      PyErr_SetString(backend_error ? backend_error.ptr() : PyExc_RuntimeError, e.what());
+    } catch (const InvalidArgument& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+
+  py::class_<Capabilities>(m, "Capabilities")
+      .def_readonly("virtual_memory", &Capabilities::virtual_memory)
+      .def_readonly("host_chunks", &Capabilities::host_chunks)
+      .def_readonly("host_location", &Capabilities::host_location)
+      .def_readonly("device_name", &Capabilities::device_name);
+
+  py::class_<Pool, std::shared_ptr<Pool>>(m, "Pool")
+      .def(py::init(&make_pool), py::arg("backend"), py::arg("device"), py::arg("budget_bytes"),
+           py::arg("host_budget_bytes"), py::arg("chunk_bytes"), py::arg("granularity"), release_gil())
+      .def_property_readonly("chunk_bytes", &Pool::chunk_bytes)
+      .def_property_readonly("backend_name", [](Pool& p) { return p.backend().name(); })
+      .def_property_readonly("device", [](Pool& p) { return p.backend().device(); })
+      .def_property_readonly("granularity", [](Pool& p) { return p.backend().granularity(); })
+      .def("capabilities", [](Pool& p) { return p.backend().capabilities(); })
+      .def("virtual_tensor",
+           [](std::shared_ptr<Pool> p, size_t max_bytes, const std::string& tag) {
+             return std::make_shared<VirtualTensor>(p, max_bytes, parse_tag(tag));
+           },
+           release_gil())
+      .def("trim", &Pool::trim, release_gil())
+      .def("set_budget", &Pool::set_budget, release_gil())
+      .def("set_host_budget", &Pool::set_host_budget, release_gil())
+      .def_property_readonly("budget_bytes", &Pool::budget)
+      .def_property_readonly("host_budget_bytes", &Pool::host_budget)
+      .def("return_borrowed", &Pool::return_borrowed, release_gil())
+      .def("stats", &Pool::stats, release_gil())
+      .def("stats_by_tag", &Pool::stats_by_tag, release_gil())
+      .def("events",
+           [](Pool& p) {
+             std::vector<Event> ev;
+             {
+               py::gil_scoped_release nogil;
+               ev = p.events();
+             }
+             py::list out;
+             for (auto& e : ev) out.append(event_dict(e));
+             return out;
+           })
+      .def("set_event_capacity", &Pool::set_event_capacity)
+      .def("add_consumer",
+           [](Pool& p, std::string name, int priority, py::function shrink, py::function releasable) {
+             return p.add_consumer(std::move(name), priority, from_python<size_t, size_t>(std::move(shrink)),
+                                   from_python<size_t>(std::move(releasable)));
+           })
+      .def("remove_consumer", &Pool::remove_consumer)
+      .def("get_policy",
+           [](Pool& p) {
+             Policy pol = p.policy();
+             py::dict d, borrow;
+             for (int i = 0; i < kNumTags; ++i) borrow[tag_name(static_cast<Tag>(i))] = pol.borrow[i];
+             d["borrow"] = borrow;
+             d["keep_free_bytes"] = pol.keep_free_bytes;
+             return d;
+           })
+      .def("set_policy", [](Pool& p, const std::map<std::string, bool>& borrow, size_t keep_free_bytes) {
+        Policy pol = p.policy();
+        for (auto& kv : borrow) pol.borrow[static_cast<int>(parse_tag(kv.first))] = kv.second;
+        pol.keep_free_bytes = keep_free_bytes;
+        p.set_policy(pol);
+      });
+
+  py::class_<VirtualTensor, std::shared_ptr<VirtualTensor>>(m, "VirtualTensor")
+      .def("resize", &VirtualTensor::resize, release_gil())
+      .def("release", &VirtualTensor::release, release_gil())
+      .def("data_ptr", &VirtualTensor::data_ptr)
+      .def_property_readonly("nbytes", without_gil(&VirtualTensor::nbytes))
+      .def_property_readonly("mapped_bytes", without_gil(&VirtualTensor::mapped_bytes))
+      .def_property_readonly("max_bytes", &VirtualTensor::max_bytes)
+      .def_property_readonly("host_bytes", without_gil(&VirtualTensor::host_bytes))
+      .def_property_readonly("released", &VirtualTensor::released)
+      .def_property_readonly("tag", [](VirtualTensor& v) { return tag_name(v.tag()); })
+      .def_property_readonly("live_views", &VirtualTensor::live_views)
+      .def("chunk_locations",
+           [](VirtualTensor& v) {
+             std::vector<std::string> out;
+             for (auto l : v.chunk_locations()) out.push_back(location_name(l));
+             return out;
+           })
+      .def("offload", &VirtualTensor::offload, release_gil())
+      .def("prefetch", &VirtualTensor::prefetch, release_gil())
+      .def("pin", &VirtualTensor::pin, release_gil())
+      .def("unpin", &VirtualTensor::unpin)
+      .def("_view", &make_view);
+}

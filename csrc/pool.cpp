@@ -1,0 +1,434 @@
+#include "pool.h"
+
+#include <algorithm>
+#include <cstdio>
+
+#include "format.h"
+#include "virtual_tensor.h"
+
+namespace ellm {
+
+namespace {
+const char* kTagNames[kNumTags] = {"weights", "activations", "kv", "other"};
+thread_local int deflating = 0;  // no nested deflation from consumer callbacks
+}  // namespace
+
+const char* tag_name(Tag t) { return kTagNames[static_cast<int>(t)]; }
+
+Tag parse_tag(const std::string& name) {
+  for (int i = 0; i < kNumTags; ++i)
+    if (name == kTagNames[i]) return static_cast<Tag>(i);
+  throw InvalidArgument("unknown tag '" + name + "': expected weights, activations, kv or other");
+}
+
+const char* location_name(Location l) { return l == Location::Device ? "device" : "host"; }
+
+Pool::Pool(std::unique_ptr<Backend> backend, size_t chunk_bytes, size_t budget_bytes, size_t host_budget_bytes)
+    : backend_(std::move(backend)),
+      chunk_bytes_(chunk_bytes),
+      budget_(budget_bytes),
+      host_budget_(host_budget_bytes),
+      start_(std::chrono::steady_clock::now()) {
+  size_t g = backend_->granularity();
+  if (chunk_bytes == 0 || chunk_bytes % g != 0)
+    throw InvalidArgument("chunk_bytes must be a positive multiple of the backend granularity (" +
+                          format_bytes(g) + "), got " + std::to_string(chunk_bytes));
+  staging_ = backend_->reserve(chunk_bytes_);
+}
+
+Pool::~Pool() {
+  for (auto l : {Location::Device, Location::Host}) {
+    Tier& t = tier(l);
+    for (Handle h : t.cached) backend_->release_chunk(h, chunk_bytes_, l);
+    if (t.live)
+      std::fprintf(stderr, "torch_ellm: pool destroyed with %zu %s chunks still live\n", t.live, location_name(l));
+  }
+  backend_->free_range(staging_, chunk_bytes_);
+}
+
+double Pool::now() const {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+}
+
+size_t Pool::limit_locked(Location where) const {
+  return (where == Location::Device ? budget_ : host_budget_) / chunk_bytes_;
+}
+
+void Pool::log_locked(const char* kind, size_t bytes, double seconds) {
+  Event e{now(), kind, bytes, seconds, tier(Location::Device).live * chunk_bytes_,
+          tier(Location::Host).live * chunk_bytes_, {}};
+  for (int i = 0; i < kNumTags; ++i)
+    e.tag_bytes[i] = (tiers_[0].by_tag[i] + tiers_[1].by_tag[i]) * chunk_bytes_;
+  events_.push_back(std::move(e));
+  while (events_.size() > event_capacity_) events_.pop_front();
+}
+
+bool Pool::take_locked(size_t n, Location where, Tag tag, std::vector<Chunk>& out) {
+  Tier& t = tier(where);
+  size_t limit = limit_locked(where);
+  // Headroom for an imminent prefill is kept from everything but activations.
+  if (where == Location::Device && tag != Tag::Activations) {
+    size_t keep = (policy_.keep_free_bytes + chunk_bytes_ - 1) / chunk_bytes_;
+    limit = limit > keep ? limit - keep : 0;
+  }
+  // Physical chunks end up at max(live + cached, live + n): within budget
+  // whenever live + n is, since the cache never holds more than the budget.
+  if (t.live + n > limit) return false;
+  size_t reusable = std::min(n, t.cached.size());
+  out.reserve(n);
+  for (size_t i = 0; i < reusable; ++i) {
+    out.push_back({t.cached.back(), where});
+    t.cached.pop_back();
+  }
+  try {
+    while (out.size() < n) out.push_back({backend_->create_chunk(chunk_bytes_, where), where});
+  } catch (...) {
+    for (auto& c : out) t.cached.push_back(c.handle);
+    out.clear();
+    throw;
+  }
+  t.live += n;
+  t.by_tag[static_cast<int>(tag)] += n;
+  t.peak = std::max(t.peak, t.live);
+  return true;
+}
+
+size_t Pool::free_chunks(Location where) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  size_t limit = limit_locked(where), live = tier(where).live;
+  return limit > live ? limit - live : 0;
+}
+
+std::vector<Chunk> Pool::acquire(size_t n, Location where, Tag tag, bool may_deflate) {
+  std::vector<Chunk> out;
+  if (n == 0) return out;
+  auto t0 = now();
+  for (int attempt = 0;; ++attempt) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (take_locked(n, where, tag, out)) {
+        log_locked("alloc", n * chunk_bytes_, now() - t0);
+        return out;
+      }
+    }
+    // Short of memory: free what others can spare, then try again. Never
+    // from inside a consumer's own shrink (it would ask itself).
+    if (where != Location::Device || !may_deflate || deflating || attempt >= 3) break;
+    if (deflate(n * chunk_bytes_) == 0 && attempt > 0) break;
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  counters_["num_ooms"] += 1;
+  log_locked("oom", n * chunk_bytes_, now() - t0);
+  const Tier& d = tier(Location::Device);
+  const Tier& h = tier(Location::Host);
+  std::string by_tag;
+  for (int i = 0; i < kNumTags; ++i)
+    if (d.by_tag[i] + h.by_tag[i])
+      by_tag += std::string(by_tag.empty() ? "" : ", ") + kTagNames[i] + " " +
+                format_bytes((d.by_tag[i] + h.by_tag[i]) * chunk_bytes_);
+  throw OutOfMemory(
+      "torch_ellm: out of memory on the " + backend_->name() + " pool (device " + std::to_string(backend_->device()) +
+      "): tried to allocate " + format_bytes(n * chunk_bytes_) + " of " + location_name(where) + " memory for " +
+      tag_name(tag) + ". Device budget " + format_bytes(budget_) + ", " + format_bytes(d.live * chunk_bytes_) +
+      " in use" + (by_tag.empty() ? "" : " (" + by_tag + ")") + ", " + format_bytes(d.cached.size() * chunk_bytes_) +
+      " cached free, " + format_bytes(policy_.keep_free_bytes) + " kept for activations. Host budget " +
+      format_bytes(host_budget_) + ", " + format_bytes(h.live * chunk_bytes_) +
+      " borrowed. Free tensors, raise the budget, or allow borrowing for more tags.");
+}
+
+void Pool::release(const std::vector<Chunk>& chunks, Tag tag) {
+  if (chunks.empty()) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const Chunk& c : chunks) {
+    Tier& t = tier(c.where);
+    t.live -= 1;
+    t.by_tag[static_cast<int>(tag)] -= 1;
+    t.cached.push_back(c.handle);
+  }
+  release_excess_locked();
+  log_locked("free", chunks.size() * chunk_bytes_, 0);
+}
+
+void Pool::release_excess_locked() {
+  for (auto l : {Location::Device, Location::Host}) {
+    Tier& t = tier(l);
+    while (!t.cached.empty() && t.physical() > limit_locked(l)) {
+      backend_->release_chunk(t.cached.back(), chunk_bytes_, l);
+      t.cached.pop_back();
+    }
+  }
+}
+
+uintptr_t Pool::reserve(size_t bytes) {
+  uintptr_t addr = backend_->reserve(bytes);
+  std::lock_guard<std::mutex> lock(mu_);
+  reserved_bytes_ += bytes;
+  return addr;
+}
+
+void Pool::free_range(uintptr_t addr, size_t bytes) {
+  backend_->free_range(addr, bytes);
+  std::lock_guard<std::mutex> lock(mu_);
+  reserved_bytes_ -= bytes;
+}
+
+void Pool::map(uintptr_t addr, const Chunk& c) {
+  backend_->map(addr, chunk_bytes_, c.handle);
+  try {
+    backend_->set_access(addr, chunk_bytes_);
+  } catch (...) {
+    backend_->unmap(addr, chunk_bytes_);
+    throw;
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  tier(c.where).mapped += 1;
+}
+
+void Pool::unmap(uintptr_t addr, const std::vector<Chunk>& chunks) {
+  if (chunks.empty()) return;
+  // The driver's unmap does not wait for kernels that may still touch the range.
+  backend_->synchronize();
+  backend_->unmap(addr, chunks.size() * chunk_bytes_);
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const Chunk& c : chunks) tier(c.where).mapped -= 1;
+}
+
+void Pool::migrate(uintptr_t addr, const Chunk& from, const Chunk& to) {
+  {
+    std::lock_guard<std::mutex> lock(staging_mu_);
+    backend_->map(staging_, chunk_bytes_, to.handle);
+    backend_->set_access(staging_, chunk_bytes_);
+    backend_->copy(staging_, addr, chunk_bytes_);
+    backend_->unmap(staging_, chunk_bytes_);
+  }
+  backend_->remap(addr, chunk_bytes_, to.handle);
+  std::lock_guard<std::mutex> lock(mu_);
+  tier(from.where).mapped -= 1;
+  tier(to.where).mapped += 1;
+}
+
+size_t Pool::trim() {
+  std::lock_guard<std::mutex> lock(mu_);
+  size_t freed = 0;
+  for (auto l : {Location::Device, Location::Host}) {
+    Tier& t = tier(l);
+    for (Handle h : t.cached) backend_->release_chunk(h, chunk_bytes_, l);
+    freed += t.cached.size() * chunk_bytes_;
+    t.cached.clear();
+  }
+  log_locked("trim", freed, 0);
+  return freed;
+}
+
+size_t Pool::deflate(size_t want) {
+  auto t0 = now();
+  deflating += 1;
+  size_t freed = 0;
+  try {
+    std::vector<Consumer> consumers;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      consumers = consumers_;
+    }
+    std::stable_sort(consumers.begin(), consumers.end(),
+                     [](const Consumer& a, const Consumer& b) { return a.priority < b.priority; });
+    for (auto& c : consumers) {
+      if (freed >= want) break;
+      freed += c.shrink(want - freed);
+    }
+    if (freed > 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      counters_["num_deflations"] += 1;
+      log_locked("deflate", freed, now() - t0);
+    }
+    if (freed < want) freed += borrow(want - freed);
+  } catch (...) {
+    deflating -= 1;
+    throw;
+  }
+  deflating -= 1;
+  return freed;
+}
+
+size_t Pool::borrow(size_t want) {
+  auto t0 = now();
+  std::vector<std::shared_ptr<VirtualTensor>> victims;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (host_budget_ < chunk_bytes_) return 0;
+    for (VirtualTensor* vt : tensors_)
+      if (policy_.borrow[static_cast<int>(vt->tag())])
+        if (auto sp = vt->weak_from_this().lock()) victims.push_back(std::move(sp));
+  }
+  // Coldest first: the tensor touched longest ago gives its memory.
+  std::sort(victims.begin(), victims.end(),
+            [](const auto& a, const auto& b) { return a->last_use() < b->last_use(); });
+  size_t moved = 0;
+  for (auto& vt : victims) {
+    if (moved >= want) break;
+    moved += vt->borrow_from(want - moved);
+  }
+  if (moved > 0) {
+    std::lock_guard<std::mutex> lock(mu_);
+    counters_["num_borrows"] += 1;
+    counters_["borrowed_bytes_total"] += static_cast<double>(moved);
+    log_locked("borrow", moved, now() - t0);
+  }
+  return moved;
+}
+
+size_t Pool::return_borrowed() {
+  auto t0 = now();
+  std::vector<std::shared_ptr<VirtualTensor>> owners;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (tier(Location::Host).live == 0) return 0;
+    for (VirtualTensor* vt : tensors_)
+      if (auto sp = vt->weak_from_this().lock()) owners.push_back(std::move(sp));
+  }
+  // Hottest first: the tensor used most recently wants its memory back most.
+  std::sort(owners.begin(), owners.end(),
+            [](const auto& a, const auto& b) { return a->last_use() > b->last_use(); });
+  size_t moved = 0;
+  for (auto& vt : owners) moved += vt->give_back();
+  if (moved > 0) {
+    std::lock_guard<std::mutex> lock(mu_);
+    counters_["num_returns"] += 1;
+    log_locked("return", moved, now() - t0);
+  }
+  return moved;
+}
+
+void Pool::set_budget(size_t bytes) {
+  auto t0 = now();
+  size_t excess = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    size_t live = tier(Location::Device).live * chunk_bytes_;
+    excess = live > bytes ? live - bytes : 0;
+  }
+  if (excess > 0) {
+    deflate(excess);
+    std::lock_guard<std::mutex> lock(mu_);
+    size_t live = tier(Location::Device).live * chunk_bytes_;
+    if (live > bytes) {
+      counters_["num_ooms"] += 1;
+      log_locked("oom", live - bytes, now() - t0);
+      throw OutOfMemory("torch_ellm: cannot lower the device budget to " + format_bytes(bytes) + ": " +
+                        format_bytes(live) + " is still in use after deflating and borrowing (host budget " +
+                        format_bytes(host_budget_) + ", " +
+                        format_bytes(tier(Location::Host).live * chunk_bytes_) + " borrowed). Budget left at " +
+                        format_bytes(budget_) + ".");
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    budget_ = bytes;
+    release_excess_locked();
+    log_locked("budget", bytes, now() - t0);
+  }
+}
+
+void Pool::set_host_budget(size_t bytes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  size_t live = tier(Location::Host).live * chunk_bytes_;
+  if (live > bytes)
+    throw OutOfMemory("torch_ellm: cannot lower the host budget to " + format_bytes(bytes) + ": " +
+                      format_bytes(live) + " is borrowed; prefetch or free it first");
+  host_budget_ = bytes;
+  release_excess_locked();
+}
+
+size_t Pool::budget() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return budget_;
+}
+
+size_t Pool::host_budget() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return host_budget_;
+}
+
+Policy Pool::policy() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return policy_;
+}
+
+void Pool::set_policy(const Policy& p) {
+  std::lock_guard<std::mutex> lock(mu_);
+  policy_ = p;
+}
+
+int Pool::add_consumer(std::string name, int priority, std::function<size_t(size_t)> shrink,
+                       std::function<size_t()> releasable) {
+  std::lock_guard<std::mutex> lock(mu_);
+  int id = next_consumer_id_++;
+  consumers_.push_back({id, std::move(name), priority, std::move(shrink), std::move(releasable)});
+  return id;
+}
+
+void Pool::remove_consumer(int id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = std::find_if(consumers_.begin(), consumers_.end(), [id](const Consumer& c) { return c.id == id; });
+  if (it == consumers_.end()) throw InvalidArgument("no consumer with id " + std::to_string(id));
+  consumers_.erase(it);
+}
+
+void Pool::attach(VirtualTensor* vt) {
+  std::lock_guard<std::mutex> lock(mu_);
+  tensors_.push_back(vt);
+}
+
+void Pool::detach(VirtualTensor* vt) {
+  std::lock_guard<std::mutex> lock(mu_);
+  tensors_.erase(std::remove(tensors_.begin(), tensors_.end(), vt), tensors_.end());
+}
+
+std::map<std::string, double> Pool::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  const Tier& d = tier(Location::Device);
+  const Tier& h = tier(Location::Host);
+  auto b = [this](size_t chunks) { return static_cast<double>(chunks * chunk_bytes_); };
+  std::map<std::string, double> s = {
+      {"chunk_bytes", static_cast<double>(chunk_bytes_)},
+      {"budget_bytes", static_cast<double>(budget_)},
+      {"host_budget_bytes", static_cast<double>(host_budget_)},
+      {"reserved_address_bytes", static_cast<double>(reserved_bytes_)},
+      {"device_bytes", b(d.live)},
+      {"device_peak_bytes", b(d.peak)},
+      {"device_cached_bytes", b(d.cached.size())},
+      {"device_physical_bytes", b(d.physical())},
+      {"mapped_device_bytes", b(d.mapped)},
+      {"borrowed_bytes", b(h.live)},
+      {"borrowed_peak_bytes", b(h.peak)},
+      {"host_cached_bytes", b(h.cached.size())},
+      {"mapped_host_bytes", b(h.mapped)},
+      {"virtual_tensors", static_cast<double>(tensors_.size())},
+      {"num_ooms", 0}, {"num_deflations", 0}, {"num_borrows", 0}, {"num_returns", 0},
+      {"borrowed_bytes_total", 0},
+  };
+  for (auto& kv : counters_) s[kv.first] = kv.second;
+  return s;
+}
+
+std::map<std::string, std::map<std::string, double>> Pool::stats_by_tag() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::map<std::string, std::map<std::string, double>> out;
+  for (int i = 0; i < kNumTags; ++i)
+    out[kTagNames[i]] = {{"device_bytes", static_cast<double>(tiers_[0].by_tag[i] * chunk_bytes_)},
+                         {"host_bytes", static_cast<double>(tiers_[1].by_tag[i] * chunk_bytes_)}};
+  return out;
+}
+
+std::vector<Event> Pool::events() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return {events_.begin(), events_.end()};
+}
+
+void Pool::set_event_capacity(size_t n) {
+  std::lock_guard<std::mutex> lock(mu_);
+  event_capacity_ = n;
+  while (events_.size() > event_capacity_) events_.pop_front();
+}
+
+}  // namespace ellm

@@ -1,0 +1,153 @@
+// Pool: one per device. Owns the physical chunks of both tiers (device, host),
+// the budgets that bound them, the free-chunk cache, per-tag counts, stats,
+// the event log, and the order in which it frees memory under pressure.
+#pragma once
+#include <atomic>
+#include <chrono>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "backend.h"
+
+namespace ellm {
+
+enum class Tag { Weights = 0, Activations = 1, KV = 2, Other = 3 };
+constexpr int kNumTags = 4;
+const char* tag_name(Tag t);
+Tag parse_tag(const std::string& name);
+const char* location_name(Location l);
+
+struct Chunk {
+  Handle handle;
+  Location where;
+};
+
+// A request the budgets could not meet after the pool tried everything.
+struct OutOfMemory : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Policy knobs a serving engine may override; see README "Elastic memory".
+struct Policy {
+  bool borrow[kNumTags] = {false, false, true, false};  // which tags may move to host
+  size_t keep_free_bytes = 0;   // device headroom kept for an imminent prefill
+  bool return_borrowed = true;  // bring borrowed chunks back when device memory frees up
+};
+
+struct Event {
+  double t;            // seconds since the pool was made
+  std::string kind;    // alloc, free, trim, deflate, borrow, return, budget, oom
+  size_t bytes;        // bytes the event moved
+  double seconds;      // how long it took
+  size_t device_bytes; // device chunks in use after the event
+  size_t host_bytes;   // host chunks in use after the event
+  size_t tag_bytes[kNumTags];
+};
+
+// Something that can hand memory back: asked, in priority order (lower first),
+// to free up to `want` bytes; returns what it freed. Runs without pool locks.
+struct Consumer {
+  int id;
+  std::string name;
+  int priority;
+  std::function<size_t(size_t)> shrink;
+  std::function<size_t()> releasable;  // how much it could free now (for stats)
+};
+
+class VirtualTensor;
+
+class Pool : public std::enable_shared_from_this<Pool> {
+ public:
+  Pool(std::unique_ptr<Backend> backend, size_t chunk_bytes, size_t budget_bytes, size_t host_budget_bytes);
+  ~Pool();
+
+  Backend& backend() { return *backend_; }
+  size_t chunk_bytes() const { return chunk_bytes_; }
+
+  // All or nothing: n chunks of the tier, counted under tag. On the device
+  // tier a shortfall frees the cache, asks consumers, then borrows host memory.
+  std::vector<Chunk> acquire(size_t n, Location where, Tag tag, bool may_deflate = true);
+  // Chunks a tier can still hand out without deflating.
+  size_t free_chunks(Location where) const;
+  void release(const std::vector<Chunk>& chunks, Tag tag);
+
+  // Address ranges and mappings, counted. map() also sets access.
+  uintptr_t reserve(size_t bytes);
+  void free_range(uintptr_t addr, size_t bytes);
+  void map(uintptr_t addr, const Chunk& c);
+  // Unmap consecutive chunks starting at addr, after queued work has finished.
+  void unmap(uintptr_t addr, const std::vector<Chunk>& chunks);
+  void synchronize() { backend_->synchronize(); }
+  // Move the bytes at addr onto chunk `to`, remapping addr there: the address
+  // keeps its contents and stays valid; `from` is left unmapped.
+  void migrate(uintptr_t addr, const Chunk& from, const Chunk& to);
+
+  size_t trim();
+  void set_budget(size_t bytes);
+  void set_host_budget(size_t bytes);
+  size_t budget() const;
+  size_t host_budget() const;
+  Policy policy() const;
+  void set_policy(const Policy& p);
+
+  int add_consumer(std::string name, int priority, std::function<size_t(size_t)> shrink,
+                   std::function<size_t()> releasable);
+  void remove_consumer(int id);
+
+  // Bring borrowed chunks back to the device while there is room.
+  size_t return_borrowed();
+
+  std::map<std::string, double> stats() const;
+  std::map<std::string, std::map<std::string, double>> stats_by_tag() const;
+  std::vector<Event> events() const;
+  void set_event_capacity(size_t n);
+
+  // VirtualTensors register so the pool can pick cold ranges to borrow.
+  void attach(VirtualTensor* vt);
+  void detach(VirtualTensor* vt);
+
+ private:
+  struct Tier {
+    size_t live = 0;               // chunks handed out
+    std::vector<Handle> cached;    // created, free, kept for reuse
+    size_t peak = 0;
+    size_t mapped = 0;             // chunks mapped somewhere
+    size_t by_tag[kNumTags] = {};
+    size_t physical() const { return live + cached.size(); }
+  };
+
+  bool take_locked(size_t n, Location where, Tag tag, std::vector<Chunk>& out);
+  void release_excess_locked();
+  size_t limit_locked(Location where) const;
+  void log_locked(const char* kind, size_t bytes, double seconds);
+  double now() const;
+  size_t deflate(size_t want_bytes);
+  size_t borrow(size_t want_bytes);
+  Tier& tier(Location l) { return tiers_[static_cast<int>(l)]; }
+  const Tier& tier(Location l) const { return tiers_[static_cast<int>(l)]; }
+
+  std::unique_ptr<Backend> backend_;
+  const size_t chunk_bytes_;
+  mutable std::mutex mu_;
+  size_t budget_, host_budget_;
+  Tier tiers_[2];
+  size_t reserved_bytes_ = 0;
+  Policy policy_;
+  std::deque<Event> events_;
+  size_t event_capacity_ = 1 << 16;
+  std::map<std::string, double> counters_;
+  std::vector<Consumer> consumers_;
+  int next_consumer_id_ = 1;
+  std::vector<VirtualTensor*> tensors_;
+  std::chrono::steady_clock::time_point start_;
+  // Staging address used to fill a chunk before it is remapped in place.
+  std::mutex staging_mu_;
+  uintptr_t staging_ = 0;
+};
+
+}  // namespace ellm

@@ -1,0 +1,242 @@
+#include "virtual_tensor.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+
+#include "format.h"
+
+namespace ellm {
+
+namespace {
+// 2^47 bytes: more address space than any device offers; larger is a bug.
+constexpr size_t kMaxReserve = size_t(1) << 47;
+
+double clock_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+}  // namespace
+
+VirtualTensor::VirtualTensor(std::shared_ptr<Pool> pool, size_t max_bytes, Tag tag)
+    : pool_(std::move(pool)), chunk_(pool_->chunk_bytes()), tag_(tag) {
+  if (max_bytes == 0 || max_bytes > kMaxReserve)
+    throw InvalidArgument("max_bytes must be between 1 and " + format_bytes(kMaxReserve) + ", got " +
+                          std::to_string(max_bytes));
+  max_bytes_ = (max_bytes + chunk_ - 1) / chunk_ * chunk_;
+  base_ = pool_->reserve(max_bytes_);
+  chunks_.reserve(max_bytes_ / chunk_);
+  pool_->attach(this);
+  touch();
+}
+
+VirtualTensor::~VirtualTensor() {
+  pool_->detach(this);
+  if (released_) return;
+  try {
+    release_locked();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "torch_ellm: releasing a VirtualTensor failed: %s\n", e.what());
+  }
+}
+
+void VirtualTensor::check_live() const {
+  if (released_) throw UseAfterRelease("VirtualTensor used after release()");
+}
+
+void VirtualTensor::touch() { last_use_ = clock_seconds(); }
+
+size_t VirtualTensor::nbytes() const {
+  std::lock_guard<OwnedMutex> lock(mu_);
+  return nbytes_;
+}
+
+size_t VirtualTensor::mapped_bytes() const {
+  std::lock_guard<OwnedMutex> lock(mu_);
+  return chunks_.size() * chunk_;
+}
+
+size_t VirtualTensor::host_bytes() const {
+  std::lock_guard<OwnedMutex> lock(mu_);
+  return chunk_ * std::count_if(chunks_.begin(), chunks_.end(),
+                                [](const Chunk& c) { return c.where == Location::Host; });
+}
+
+std::vector<Location> VirtualTensor::chunk_locations() const {
+  std::lock_guard<OwnedMutex> lock(mu_);
+  std::vector<Location> out;
+  for (const Chunk& c : chunks_) out.push_back(c.where);
+  return out;
+}
+
+void VirtualTensor::resize(size_t nbytes) {
+  std::lock_guard<OwnedMutex> lock(mu_);
+  check_live();
+  if (nbytes > max_bytes_)
+    throw InvalidArgument("resize to " + std::to_string(nbytes) + " bytes is past max_bytes (" +
+                          std::to_string(max_bytes_) + ")");
+  size_t need = (nbytes + chunk_ - 1) / chunk_, have = chunks_.size();
+  if (need > have) {
+    std::vector<Chunk> fresh = pool_->acquire(need - have, Location::Device, tag_);
+    size_t mapped = 0;
+    try {
+      for (; mapped < fresh.size(); ++mapped) pool_->map(base_ + (have + mapped) * chunk_, fresh[mapped]);
+    } catch (...) {
+      pool_->unmap(base_ + have * chunk_, std::vector<Chunk>(fresh.begin(), fresh.begin() + mapped));
+      pool_->release(fresh, tag_);
+      throw;
+    }
+    chunks_.insert(chunks_.end(), fresh.begin(), fresh.end());
+  } else if (need < have) {
+    {
+      std::lock_guard<std::mutex> views(views_mu_);
+      if (!view_ends_.empty() && *view_ends_.rbegin() > need * chunk_)
+        throw InvalidArgument("cannot shrink a VirtualTensor to " + std::to_string(nbytes) +
+                              " bytes: a live tensor view reaches byte " + std::to_string(*view_ends_.rbegin()) +
+                              "; drop the view first");
+    }
+    std::vector<Chunk> tail(chunks_.begin() + need, chunks_.end());
+    pool_->unmap(base_ + need * chunk_, tail);
+    chunks_.resize(need);
+    pool_->release(tail, tag_);
+  }
+  nbytes_ = nbytes;
+  touch();
+}
+
+void VirtualTensor::release() {
+  std::lock_guard<OwnedMutex> lock(mu_);
+  if (released_) throw UseAfterRelease("VirtualTensor released twice");
+  release_locked();
+}
+
+void VirtualTensor::release_locked() {
+  {
+    std::lock_guard<std::mutex> views(views_mu_);
+    if (!view_ends_.empty())
+      throw InvalidArgument("cannot release a VirtualTensor while " + std::to_string(view_ends_.size()) +
+                            " tensor view(s) of it are alive; delete them first");
+  }
+  pool_->unmap(base_, chunks_);
+  pool_->release(chunks_, tag_);
+  chunks_.clear();
+  pool_->free_range(base_, max_bytes_);
+  nbytes_ = 0;
+  released_ = true;
+  pool_->detach(this);
+}
+
+size_t VirtualTensor::move_locked(size_t first, size_t last, Location to, bool may_deflate) {
+  std::vector<size_t> idx;
+  for (size_t i = first; i < last; ++i)
+    if (chunks_[i].where != to) idx.push_back(i);
+  if (idx.empty()) return 0;
+  std::vector<Chunk> fresh = pool_->acquire(idx.size(), to, tag_, may_deflate);
+  std::vector<Chunk> old;
+  size_t done = 0;
+  try {
+    pool_->synchronize();
+    for (; done < idx.size(); ++done) {
+      size_t i = idx[done];
+      pool_->migrate(base_ + i * chunk_, chunks_[i], fresh[done]);
+      old.push_back(chunks_[i]);
+      chunks_[i] = fresh[done];
+    }
+  } catch (...) {
+    pool_->release(std::vector<Chunk>(fresh.begin() + done, fresh.end()), tag_);
+    pool_->release(old, tag_);
+    throw;
+  }
+  pool_->release(old, tag_);
+  return done * chunk_;
+}
+
+static void check_range(size_t start, size_t end, size_t mapped) {
+  if (start > end || end > mapped)
+    throw InvalidArgument("byte range [" + std::to_string(start) + ", " + std::to_string(end) +
+                          ") is not inside the mapped " + std::to_string(mapped) + " bytes");
+}
+
+size_t VirtualTensor::offload(size_t start, size_t end) {
+  std::lock_guard<OwnedMutex> lock(mu_);
+  check_live();
+  check_range(start, end, chunks_.size() * chunk_);
+  return move_locked(start / chunk_, (end + chunk_ - 1) / chunk_, Location::Host, false);
+}
+
+size_t VirtualTensor::prefetch(size_t start, size_t end) {
+  std::lock_guard<OwnedMutex> lock(mu_);
+  check_live();
+  check_range(start, end, chunks_.size() * chunk_);
+  touch();
+  return move_locked(start / chunk_, (end + chunk_ - 1) / chunk_, Location::Device, true);
+}
+
+void VirtualTensor::pin() {
+  std::lock_guard<OwnedMutex> lock(mu_);  // waits for a move in flight
+  check_live();
+  pins_ += 1;
+  touch();
+}
+
+void VirtualTensor::unpin() {
+  if (pins_.fetch_sub(1) <= 0) {
+    pins_ += 1;
+    throw InvalidArgument("unpin() without a matching pin()");
+  }
+}
+
+size_t VirtualTensor::borrow_from(size_t want) {
+  std::unique_lock<OwnedMutex> lock(mu_, std::try_to_lock);
+  if (!lock.owns_lock() || released_ || pins_ > 0) return 0;
+  size_t room = pool_->free_chunks(Location::Host);
+  size_t n = std::min((want + chunk_ - 1) / chunk_, room);
+  // The front of a tensor is its oldest data (a KV prefix): move that first.
+  size_t last = 0, picked = 0;
+  while (last < chunks_.size() && picked < n)
+    if (chunks_[last++].where == Location::Device) ++picked;
+  if (picked == 0) return 0;
+  try {
+    return move_locked(0, last, Location::Host, false);
+  } catch (const OutOfMemory&) {
+    return 0;  // host budget taken by someone else meanwhile
+  }
+}
+
+size_t VirtualTensor::give_back() {
+  std::unique_lock<OwnedMutex> lock(mu_, std::try_to_lock);
+  if (!lock.owns_lock() || released_) return 0;
+  size_t room = pool_->free_chunks(Location::Device);
+  size_t last = 0, picked = 0;
+  while (last < chunks_.size() && picked < room)
+    if (chunks_[last++].where == Location::Host) ++picked;
+  if (picked == 0) return 0;
+  try {
+    return move_locked(0, last, Location::Device, false);
+  } catch (const OutOfMemory&) {
+    return 0;
+  }
+}
+
+void VirtualTensor::add_view(size_t end) {
+  std::lock_guard<OwnedMutex> lock(mu_);
+  check_live();
+  if (end > chunks_.size() * chunk_)
+    throw InvalidArgument("a view ending at byte " + std::to_string(end) + " is past the mapped " +
+                          std::to_string(chunks_.size() * chunk_) + " bytes; resize() first");
+  std::lock_guard<std::mutex> views(views_mu_);
+  view_ends_.insert(end);
+  touch();
+}
+
+void VirtualTensor::drop_view(size_t end) {
+  std::lock_guard<std::mutex> views(views_mu_);
+  auto it = view_ends_.find(end);
+  if (it != view_ends_.end()) view_ends_.erase(it);
+}
+
+size_t VirtualTensor::live_views() const {
+  std::lock_guard<std::mutex> views(views_mu_);
+  return view_ends_.size();
+}
+
+}  // namespace ellm

@@ -1,0 +1,1 @@
+"""Integrations: Hugging Face (hf) and the paged-KV serving engine (engine)."""

@@ -1,0 +1,1 @@
+"""A paged-KV serving engine on one elastic pool (nano-vllm style)."""

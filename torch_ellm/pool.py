@@ -1,0 +1,212 @@
+"""Pool and VirtualTensor: the Python face of the C++ core (csrc/pool.h, csrc/virtual_tensor.h)."""
+import contextlib
+import os
+
+import torch
+
+from . import _C
+from .sizes import format_bytes, parse_bytes
+
+TAGS = ("weights", "activations", "kv", "other")
+_DLPACK_CODES = {True: 2, False: 0}  # float, int; bool, unsigned and bfloat16 are special-cased
+
+
+def _dlpack_dtype(dtype):
+    if dtype == torch.bool:
+        return 6, 8
+    if dtype == torch.bfloat16:
+        return 4, 16
+    if dtype in (torch.uint8,):
+        return 1, 8
+    if dtype.is_complex or not (dtype.is_floating_point or dtype in (torch.int8, torch.int16, torch.int32, torch.int64)):
+        raise ValueError(f"as_tensor does not support dtype {dtype}")
+    return _DLPACK_CODES[dtype.is_floating_point], dtype.itemsize * 8
+
+
+def _check_tag(tag):
+    if tag not in TAGS:
+        raise ValueError(f"unknown tag {tag!r}: expected one of {', '.join(TAGS)}")
+    return tag
+
+
+class Pool:
+    """One elastic memory pool: physical chunks under a device budget and a host-borrowing budget.
+
+    backend="host" runs on CPU memory (mmap + memfd); backend="cuda" on a GPU through the CUDA
+    driver's virtual memory API. chunk_bytes is the unit of mapping (2 MiB default); on host,
+    granularity (4 KiB to 2 MiB, default min(chunk_bytes, 2 MiB)) is the backend's page.
+    """
+
+    def __init__(self, backend="host", device=0, budget_bytes=None, host_budget_bytes=0, chunk_bytes=None,
+                 granularity=None):
+        if backend not in ("host", "cuda"):
+            raise ValueError(f"unknown backend {backend!r}: expected 'host' or 'cuda'")
+        if isinstance(device, torch.device):
+            device = device.index or 0
+        if not isinstance(device, int) or device < 0:
+            raise ValueError(f"device must be a device index >= 0, got {device!r}")
+        chunk = parse_bytes(chunk_bytes, "chunk_bytes") if chunk_bytes is not None else 2 << 20
+        if chunk == 0:
+            raise ValueError("chunk_bytes must be > 0")
+        if granularity is None:
+            granularity = chunk & -chunk  # largest power of two dividing the chunk
+            granularity = min(granularity, 2 << 20)
+        granularity = parse_bytes(granularity, "granularity")
+        if budget_bytes is None:
+            budget_bytes = _default_budget(backend, device)
+        self._pool = _C.Pool(backend, device, parse_bytes(budget_bytes, "budget_bytes"),
+                             parse_bytes(host_budget_bytes, "host_budget_bytes"), chunk, granularity)
+        self.backend = backend
+        self.device = torch.device("cpu") if backend == "host" else torch.device("cuda", device)
+
+    @property
+    def chunk_bytes(self):
+        return self._pool.chunk_bytes
+
+    @property
+    def budget_bytes(self):
+        return self._pool.budget_bytes
+
+    @property
+    def host_budget_bytes(self):
+        return self._pool.host_budget_bytes
+
+    @property
+    def borrowed_bytes(self):
+        """Bytes of virtual tensors now living in host memory."""
+        return int(self._pool.stats()["borrowed_bytes"])
+
+    def capabilities(self):
+        c = self._pool.capabilities()
+        return {"virtual_memory": c.virtual_memory, "host_chunks": c.host_chunks,
+                "host_location": c.host_location, "device_name": c.device_name,
+                "granularity": self._pool.granularity}
+
+    def virtual_tensor(self, max_bytes, tag="other"):
+        """Reserve max_bytes of address space; nothing is mapped until resize()."""
+        return VirtualTensor(self, self._pool.virtual_tensor(parse_bytes(max_bytes, "max_bytes"), _check_tag(tag)))
+
+    def stats(self):
+        """Counters as a flat dict of ints, plus bytes_by_tag: {tag: {device_bytes, host_bytes}}."""
+        s = {k: int(v) for k, v in self._pool.stats().items()}
+        s["bytes_by_tag"] = {t: {k: int(v) for k, v in d.items()} for t, d in self._pool.stats_by_tag().items()}
+        return s
+
+    def trim(self):
+        """Give cached free chunks back to the backend; returns the bytes released."""
+        return self._pool.trim()
+
+    def set_budget(self, budget_bytes):
+        """Change the device budget while tensors are live: lowering it deflates consumers and borrows
+        host memory; raises OutOfMemoryError (budget unchanged) if the live set cannot fit."""
+        self._pool.set_budget(parse_bytes(budget_bytes, "budget_bytes"))
+
+    def set_host_budget(self, host_budget_bytes):
+        self._pool.set_host_budget(parse_bytes(host_budget_bytes, "host_budget_bytes"))
+
+    def return_borrowed(self):
+        """Move borrowed chunks back to the device while the budget has room; returns bytes moved."""
+        return self._pool.return_borrowed()
+
+    def events(self):
+        """The bounded event log: dicts with t, kind, bytes, seconds, device_bytes, host_bytes, tag_bytes."""
+        return self._pool.events()
+
+    def __repr__(self):
+        s = self._pool.stats()
+        return (f"Pool(backend={self.backend!r}, device={self.device}, chunk={format_bytes(self.chunk_bytes)}, "
+                f"in use {format_bytes(s['device_bytes'])} of {format_bytes(s['budget_bytes'])}, "
+                f"borrowed {format_bytes(s['borrowed_bytes'])})")
+
+
+def _default_budget(backend, device):
+    if backend == "host":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    return torch.cuda.get_device_properties(device).total_memory
+
+
+class VirtualTensor:
+    """An address range reserved once; chunks are mapped at its end by resize(). Its address never
+    changes and mapped bytes keep their contents through resizes, offloads and prefetches."""
+
+    def __init__(self, pool, vt):
+        self.pool = pool
+        self._vt = vt
+
+    @property
+    def nbytes(self):
+        return self._vt.nbytes
+
+    @property
+    def mapped_bytes(self):
+        return self._vt.mapped_bytes
+
+    @property
+    def max_bytes(self):
+        return self._vt.max_bytes
+
+    @property
+    def host_bytes(self):
+        """Bytes of this tensor borrowed to host memory."""
+        return self._vt.host_bytes
+
+    @property
+    def tag(self):
+        return self._vt.tag
+
+    @property
+    def released(self):
+        return self._vt.released
+
+    def data_ptr(self):
+        return self._vt.data_ptr()
+
+    def resize(self, nbytes):
+        """Map or unmap chunks at the end so that nbytes are usable. Growing past the budget raises
+        OutOfMemoryError and leaves the tensor as it was."""
+        self._vt.resize(parse_bytes(nbytes, "nbytes"))
+
+    def release(self):
+        """Unmap everything and give the address range back. Views must be gone first."""
+        self._vt.release()
+
+    def as_tensor(self, shape, dtype, offset=0):
+        """A torch tensor viewing mapped bytes [offset, offset + numel*itemsize) without a copy. The
+        view keeps those bytes mapped: shrinking below it or releasing raises until it is freed."""
+        shape = [shape] if isinstance(shape, int) else list(shape)
+        if any(not isinstance(d, int) or d < 0 for d in shape):
+            raise ValueError(f"shape must be non-negative ints, got {shape}")
+        offset = parse_bytes(offset, "offset")
+        if offset % dtype.itemsize:
+            raise ValueError(f"offset {offset} is not a multiple of the {dtype} item size {dtype.itemsize}")
+        code, bits = _dlpack_dtype(dtype)
+        dev_type, dev_id = (1, 0) if self.pool.device.type == "cpu" else (2, self.pool.device.index)
+        capsule = self._vt._view(offset, shape, code, bits, dev_type, dev_id)
+        return torch.utils.dlpack.from_dlpack(capsule)
+
+    def offload(self, start=0, end=None):
+        """Move bytes [start, end) (whole chunks) to host memory at the same address; returns bytes moved."""
+        return self._vt.offload(start, self.mapped_bytes if end is None else end)
+
+    def prefetch(self, start=0, end=None):
+        """Bring bytes [start, end) back to device memory; returns bytes moved."""
+        return self._vt.prefetch(start, self.mapped_bytes if end is None else end)
+
+    def chunk_locations(self):
+        """'device' or 'host' for each mapped chunk, front to back."""
+        return self._vt.chunk_locations()
+
+    @contextlib.contextmanager
+    def pinned(self):
+        """Inside, the pool never moves this tensor to host: write through views safely."""
+        self._vt.pin()
+        try:
+            yield self
+        finally:
+            self._vt.unpin()
+
+    def __repr__(self):
+        if self.released:
+            return "VirtualTensor(released)"
+        return (f"VirtualTensor(tag={self.tag!r}, nbytes={self.nbytes}, mapped={format_bytes(self.mapped_bytes)}, "
+                f"max={format_bytes(self.max_bytes)}, host={format_bytes(self.host_bytes)})")
