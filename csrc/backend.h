@@ -20,6 +20,12 @@ struct BackendError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// The backend itself ran out of physical memory (cuMemCreate, fallocate),
+// below our budget: the pool treats it like a budget shortfall.
+struct PhysicalOutOfMemory : BackendError {
+  using BackendError::BackendError;
+};
+
 // Bad arguments from the caller (sizes, states, names).
 struct InvalidArgument : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
@@ -35,6 +41,7 @@ struct Capabilities {
   bool host_chunks = false;      // Location::Host chunks can be mapped into a range
   std::string host_location;     // how host chunks are placed ("memfd", "HOST_NUMA", "HOST", "")
   std::string device_name;
+  size_t total_memory = 0;       // physical bytes of the device (RAM for host)
 };
 
 class Backend {
@@ -68,6 +75,17 @@ class Backend {
   virtual void copy(uintptr_t dst, uintptr_t src, size_t bytes) = 0;
   // Wait until no queued work can still touch memory we are about to unmap.
   virtual void synchronize() = 0;
+
+  // Stream-ordered reuse: an event recorded on a stream, polled later. Work on
+  // the host backend is synchronous, so its events are done at once.
+  virtual uint64_t record_event(uintptr_t /*stream*/) { return 0; }
+  virtual bool event_done(uint64_t /*event*/) { return true; }
+  virtual void destroy_event(uint64_t /*event*/) {}
+
+  // Let another device read and write a mapped range (per-range peer access).
+  virtual void grant_access(uintptr_t /*addr*/, size_t /*bytes*/, int peer_device) {
+    throw InvalidArgument(name() + " backend has no device " + std::to_string(peer_device) + " to grant access to");
+  }
 };
 
 std::unique_ptr<Backend> make_host_backend(size_t granularity);

@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "allocator_api.h"
 #include "dlpack.h"
 #include "pool.h"
 #include "virtual_tensor.h"
@@ -193,6 +194,32 @@ PYBIND11_MODULE(_C, m) {
         pol.keep_free_bytes = keep_free_bytes;
         p.set_policy(pol);
       });
+
+  // The caching allocator behind enable(): one per device, made on first use.
+  m.def("configure_allocator",
+        [](std::string backend, size_t budget, double fraction, size_t host_budget, size_t chunk, size_t granularity) {
+          configure_allocators({std::move(backend), budget, fraction, host_budget, chunk, granularity});
+        });
+  m.def("allocator_pool", [](int device) { return allocator_for(device, true)->pool(); }, release_gil());
+  m.def("allocator_stats", [](int device) { return allocator_for(device, true)->stats(); }, release_gil());
+  m.def("allocator_reset_peak_stats", [](int device) { allocator_for(device, true)->reset_peak_stats(); });
+  m.def("allocator_empty_cache",
+        [](int device) {
+          auto a = allocator_for(device, false);
+          return a ? a->empty_cache() : size_t(0);
+        },
+        release_gil());
+  m.def("allocator_devices", &active_devices);
+  m.def("allocator_grant_access",
+        [](uintptr_t ptr, int device, int peer) { allocator_for(device, true)->grant_access(reinterpret_cast<void*>(ptr), peer); },
+        release_gil());
+  m.def("allocator_record_stream",
+        [](uintptr_t ptr, int device, uintptr_t stream) {
+          allocator_for(device, true)->record_stream(reinterpret_cast<void*>(ptr), stream);
+        });
+  m.def("set_tag", [](const std::string& tag) { set_current_tag(parse_tag(tag)); });
+  m.def("get_tag", [] { return std::string(tag_name(get_current_tag())); });
+  m.def("set_oom_thrower", [](uintptr_t fn) { set_oom_thrower(reinterpret_cast<OomThrower>(fn)); });
 
   py::class_<VirtualTensor, std::shared_ptr<VirtualTensor>>(m, "VirtualTensor")
       .def("resize", &VirtualTensor::resize, release_gil())

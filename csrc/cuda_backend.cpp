@@ -46,6 +46,11 @@ struct Driver {
   CUresult (*MemSetAccess)(CUdeviceptr, size_t, const CUmemAccessDesc*, size_t) = nullptr;
   CUresult (*MemUnmap)(CUdeviceptr, size_t) = nullptr;
   CUresult (*Memcpy)(CUdeviceptr, CUdeviceptr, size_t) = nullptr;
+  CUresult (*DeviceTotalMem)(size_t*, CUdevice) = nullptr;
+  CUresult (*EventCreate)(CUevent*, unsigned int) = nullptr;
+  CUresult (*EventRecord)(CUevent, CUstream) = nullptr;
+  CUresult (*EventQuery)(CUevent) = nullptr;
+  CUresult (*EventDestroy)(CUevent) = nullptr;
 
   // "cuMemMap failed: CUDA_ERROR_OUT_OF_MEMORY (2): out of memory".
   void check(const char* call, CUresult result) const {
@@ -55,6 +60,7 @@ struct Driver {
     if (GetErrorName && GetErrorName(result, &text) == CUDA_SUCCESS && text) message += std::string(text) + " ";
     message += "(" + std::to_string(static_cast<int>(result)) + ")";
     if (GetErrorString && GetErrorString(result, &text) == CUDA_SUCCESS && text) message += ": " + std::string(text);
+    if (result == CUDA_ERROR_OUT_OF_MEMORY) throw PhysicalOutOfMemory(message);
     throw BackendError(message);
   }
 };
@@ -112,6 +118,11 @@ Driver load_driver() {
   resolve("cuMemSetAccess", d.MemSetAccess);
   resolve("cuMemUnmap", d.MemUnmap);
   resolve("cuMemcpy", d.Memcpy);
+  resolve("cuDeviceTotalMem", d.DeviceTotalMem);
+  resolve("cuEventCreate", d.EventCreate);
+  resolve("cuEventRecord", d.EventRecord);
+  resolve("cuEventQuery", d.EventQuery);
+  resolve("cuEventDestroy", d.EventDestroy);
   d.check("cuInit", d.Init(0));
   return d;
 }
@@ -238,6 +249,36 @@ class CudaBackend final : public Backend {
     in_context([&] { d_.check("cuCtxSynchronize", d_.CtxSynchronize()); });
   }
 
+  uint64_t record_event(uintptr_t stream) override {
+    CUevent ev = nullptr;
+    in_context([&] {
+      d_.check("cuEventCreate", d_.EventCreate(&ev, CU_EVENT_DISABLE_TIMING));
+      d_.check("cuEventRecord", d_.EventRecord(ev, reinterpret_cast<CUstream>(stream)));
+    });
+    return reinterpret_cast<uint64_t>(ev);
+  }
+
+  bool event_done(uint64_t event) override {
+    CUresult r = d_.EventQuery(reinterpret_cast<CUevent>(event));
+    if (r == CUDA_ERROR_NOT_READY) return false;
+    d_.check("cuEventQuery", r);
+    return true;
+  }
+
+  void destroy_event(uint64_t event) override {
+    in_context([&] { d_.check("cuEventDestroy", d_.EventDestroy(reinterpret_cast<CUevent>(event))); });
+  }
+
+  void grant_access(uintptr_t addr, size_t bytes, int peer_device) override {
+    CUdevice peer = 0;
+    d_.check("cuDeviceGet", d_.DeviceGet(&peer, peer_device));
+    CUmemAccessDesc access = {};
+    access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    access.location.id = peer;
+    access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    in_context([&] { d_.check("cuMemSetAccess(peer)", d_.MemSetAccess(addr, bytes, &access, 1)); });
+  }
+
  private:
   int attribute(CUdevice_attribute attr) const {
     int value = 0;
@@ -270,6 +311,7 @@ class CudaBackend final : public Backend {
       host_.type = CU_MEM_LOCATION_TYPE_HOST;
     }
     caps.host_chunks = !caps.host_location.empty();
+    d_.check("cuDeviceTotalMem", d_.DeviceTotalMem(&caps.total_memory, dev_));
     return caps;
   }
 

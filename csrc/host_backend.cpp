@@ -50,6 +50,8 @@ class ChunkFile {
     if (fallocate(fd_, 0, static_cast<off_t>(off), static_cast<off_t>(bytes)) != 0) {
       int err = errno;
       spare.push_back(off);
+      if (err == ENOSPC || err == ENOMEM)
+        throw PhysicalOutOfMemory(std::string("host backend: fallocate: ") + std::strerror(err));
       fail("fallocate", err);
     }
     return off;
@@ -84,7 +86,8 @@ class HostBackend final : public Backend {
   int device() const override { return 0; }
   size_t granularity() const override { return granularity_; }
   Capabilities capabilities() const override {
-    return Capabilities{true, true, "memfd", "host memory (Linux mmap + memfd)"};
+    size_t ram = static_cast<size_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    return Capabilities{true, true, "memfd", "host memory (Linux mmap + memfd)", ram};
   }
 
   uintptr_t reserve(size_t bytes) override {

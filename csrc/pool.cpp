@@ -82,6 +82,12 @@ bool Pool::take_locked(size_t n, Location where, Tag tag, std::vector<Chunk>& ou
   }
   try {
     while (out.size() < n) out.push_back({backend_->create_chunk(chunk_bytes_, where), where});
+  } catch (const PhysicalOutOfMemory&) {
+    // The device is fuller than our budget thinks (another process, say):
+    // keep what we made for later and report a shortfall like any other.
+    for (auto& c : out) t.cached.push_back(c.handle);
+    out.clear();
+    return false;
   } catch (...) {
     for (auto& c : out) t.cached.push_back(c.handle);
     out.clear();

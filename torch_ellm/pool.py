@@ -59,6 +59,15 @@ class Pool:
         self.backend = backend
         self.device = torch.device("cpu") if backend == "host" else torch.device("cuda", device)
 
+    @classmethod
+    def _wrap(cls, c_pool):
+        """A Pool object over an existing core pool (the allocator's, say)."""
+        self = cls.__new__(cls)
+        self._pool = c_pool
+        self.backend = c_pool.backend_name
+        self.device = torch.device("cpu") if self.backend == "host" else torch.device("cuda", c_pool.device)
+        return self
+
     @property
     def chunk_bytes(self):
         return self._pool.chunk_bytes

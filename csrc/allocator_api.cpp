@@ -1,0 +1,129 @@
+// The C entry points PyTorch's CUDAPluggableAllocator loads, one lazily made
+// CachingAllocator (and Pool) per device, the per-thread tag, and the C-style
+// twins (error code + message) that ctypes callers and tests use.
+#include "allocator_api.h"
+
+#include <array>
+#include <sys/types.h>
+
+namespace ellm {
+
+namespace {
+constexpr int kMaxDevices = 64;
+
+std::mutex registry_mu;
+AllocatorConfig config;
+std::array<std::shared_ptr<CachingAllocator>, kMaxDevices> allocators;
+thread_local Tag current_tag = Tag::Activations;
+thread_local std::string last_error;
+OomThrower oom_thrower = nullptr;
+
+// Runs f, turning any exception into a code and last_error: nothing may unwind into C.
+template <typename F>
+int guarded(F&& f) {
+  try {
+    f();
+    return ELLM_OK;
+  } catch (const OutOfMemory& e) {
+    last_error = e.what();
+    return ELLM_OUT_OF_MEMORY;
+  } catch (const InvalidArgument& e) {
+    last_error = e.what();
+    return ELLM_INVALID_ARGUMENT;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return ELLM_BACKEND_ERROR;
+  }
+}
+}  // namespace
+
+void configure_allocators(const AllocatorConfig& c) {
+  if (c.backend != "cuda" && c.backend != "host")
+    throw InvalidArgument("unknown allocator backend '" + c.backend + "'");
+  std::lock_guard<std::mutex> lock(registry_mu);
+  for (auto& a : allocators)
+    if (a && a->live_blocks())
+      throw InvalidArgument("the allocator has live allocations; free them before configuring it again");
+  // Idle allocators are dropped: the next allocation makes one with the new settings.
+  for (auto& a : allocators) a.reset();
+  config = c;
+}
+
+std::shared_ptr<CachingAllocator> allocator_for(int device, bool create) {
+  if (device < 0 || device >= kMaxDevices)
+    throw InvalidArgument("device index " + std::to_string(device) + " is out of range");
+  std::lock_guard<std::mutex> lock(registry_mu);
+  auto& a = allocators[device];
+  if (!a && create) {
+    auto backend = config.backend == "cuda" ? make_cuda_backend(device) : make_host_backend(config.granularity);
+    size_t chunk = config.chunk_bytes ? config.chunk_bytes : std::max<size_t>(backend->granularity(), 2 << 20);
+    size_t budget = config.budget_bytes;
+    if (budget == 0) budget = static_cast<size_t>(static_cast<double>(backend->capabilities().total_memory) *
+                                                  config.fraction);
+    a = std::make_shared<CachingAllocator>(
+        std::make_shared<Pool>(std::move(backend), chunk, budget, config.host_budget_bytes));
+  }
+  return a;
+}
+
+std::vector<int> active_devices() {
+  std::lock_guard<std::mutex> lock(registry_mu);
+  std::vector<int> out;
+  for (int d = 0; d < kMaxDevices; ++d)
+    if (allocators[d]) out.push_back(d);
+  return out;
+}
+
+void set_current_tag(Tag t) { current_tag = t; }
+Tag get_current_tag() { return current_tag; }
+void set_oom_thrower(OomThrower f) { oom_thrower = f; }
+
+}  // namespace ellm
+
+using namespace ellm;
+
+extern "C" {
+
+ELLM_EXPORT int torch_ellm_try_alloc(ssize_t size, int device, void* stream, void** out) {
+  *out = nullptr;
+  return guarded([&] {
+    if (size < 0) throw InvalidArgument("negative allocation size " + std::to_string(size));
+    *out = allocator_for(device, true)->allocate(static_cast<size_t>(size), reinterpret_cast<uintptr_t>(stream),
+                                                 current_tag);
+  });
+}
+
+ELLM_EXPORT int torch_ellm_try_free(void* ptr, int device) {
+  return guarded([&] {
+    auto a = allocator_for(device, false);
+    if (!a) throw InvalidArgument("free on device " + std::to_string(device) + ", which has no allocator");
+    a->free(ptr);
+  });
+}
+
+ELLM_EXPORT int torch_ellm_record_stream(void* ptr, int device, void* stream) {
+  return guarded([&] {
+    auto a = allocator_for(device, false);
+    if (!a) throw InvalidArgument("record_stream on device " + std::to_string(device) + ", which has no allocator");
+    a->record_stream(ptr, reinterpret_cast<uintptr_t>(stream));
+  });
+}
+
+ELLM_EXPORT const char* torch_ellm_last_error() { return last_error.c_str(); }
+
+// PyTorch's entry points. PyTorch is C++ and lets exceptions from here reach
+// Python; out of memory goes through the thrower enable() installs, which
+// raises c10::OutOfMemoryError so users get torch.OutOfMemoryError.
+ELLM_EXPORT void* torch_ellm_alloc(ssize_t size, int device, void* stream) {
+  void* out = nullptr;
+  int rc = torch_ellm_try_alloc(size, device, stream, &out);
+  if (rc == ELLM_OK) return out;
+  if (rc == ELLM_OUT_OF_MEMORY && oom_thrower) oom_thrower(last_error.c_str());
+  throw std::runtime_error(last_error);
+}
+
+ELLM_EXPORT void torch_ellm_free(void* ptr, ssize_t /*size*/, int device, void* /*stream*/) {
+  if (torch_ellm_try_free(ptr, device) != ELLM_OK) throw std::runtime_error(last_error);
+}
+
+}  // extern "C"

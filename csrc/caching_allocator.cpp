@@ -1,0 +1,280 @@
+#include "caching_allocator.h"
+
+#include <algorithm>
+
+#include "format.h"
+
+namespace ellm {
+
+namespace {
+constexpr size_t kMinBlock = 512;       // PyTorch's rounding for small blocks
+constexpr size_t kSmallMax = 1 << 20;   // PyTorch's small/large boundary
+
+size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+}  // namespace
+
+CachingAllocator::CachingAllocator(std::shared_ptr<Pool> pool)
+    : pool_(std::move(pool)),
+      chunk_(pool_->chunk_bytes()),
+      // A slab holds at least four slots of its largest class.
+      small_limit_(std::max(kMinBlock, std::min(kSmallMax, pool_->chunk_bytes() / 4))) {}
+
+CachingAllocator::~CachingAllocator() {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto& p : pending_)
+    for (uint64_t e : p->events) pool_->backend().destroy_event(e);
+}
+
+// Two classes per power of two (2^k and 1.5 * 2^k): at most a third wasted.
+size_t CachingAllocator::size_class(size_t size) const {
+  size_t n = std::max(round_up(size, kMinBlock), kMinBlock);
+  size_t p = kMinBlock;
+  while (p < n) {
+    if (p + p / 2 >= n) return p + p / 2;
+    p *= 2;
+  }
+  return p;
+}
+
+void CachingAllocator::count_alloc_locked(const Block& b, int sign) {
+  size_t rounded = round_up(b.size, kMinBlock);
+  if (sign > 0) {
+    allocated_ += rounded;
+    allocated_total_ += rounded;
+    allocations_ += 1;
+    allocated_peak_ = std::max(allocated_peak_, allocated_);
+  } else {
+    allocated_ -= rounded;
+    freed_total_ += rounded;
+    allocations_ -= 1;
+  }
+}
+
+void* CachingAllocator::allocate(size_t size, uintptr_t stream, Tag tag) {
+  if (size == 0) return nullptr;
+  if (size > (size_t(1) << 47)) throw InvalidArgument("allocation of " + std::to_string(size) + " bytes is absurd");
+  for (int attempt = 0;; ++attempt) {
+    try {
+      if (size <= small_limit_) return allocate_small(size, size_class(size), stream, tag);
+      return allocate_large(size, stream, tag);
+    } catch (const OutOfMemory& e) {
+      // Like PyTorch: free every cached block, then try once more (the pool
+      // itself has already deflated its consumers and borrowed host memory).
+      std::vector<std::shared_ptr<VirtualTensor>> to_release;
+      size_t freed;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        freed = empty_cache_locked(to_release);
+        if (attempt == 0 && freed > 0) num_alloc_retries_ += 1;
+      }
+      for (auto& vt : to_release) vt->release();
+      if (attempt == 0 && freed > 0) continue;
+      std::lock_guard<std::mutex> lock(mu_);
+      num_ooms_ += 1;
+      throw OutOfMemory(std::string(e.what()) + " The caching allocator holds " + format_bytes(allocated_) +
+                        " allocated and " + format_bytes(reserved_ - allocated_) + " reserved but unallocated.");
+    }
+  }
+}
+
+void* CachingAllocator::allocate_small(size_t size, size_t cls, uintptr_t stream, Tag tag) {
+  Key key{stream, tag, cls};
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    process_events_locked();
+    for (auto& slab : slabs_[key]) {
+      if (slab->free_slots.empty()) continue;
+      uintptr_t ptr = slab->free_slots.back();
+      slab->free_slots.pop_back();
+      slab->used += 1;
+      auto b = std::make_unique<Block>(Block{ptr, size, cls, stream, tag, slab.get(), nullptr, {}, {}});
+      count_alloc_locked(*b, +1);
+      live_[ptr] = std::move(b);
+      return reinterpret_cast<void*>(ptr);
+    }
+  }
+  // A new slab, made without our lock: the pool may call consumers that need the GIL.
+  auto range = std::make_shared<VirtualTensor>(pool_, chunk_, tag);
+  range->resize(chunk_);
+  auto slab = std::make_unique<Slab>(Slab{range, cls, {}, 0});
+  size_t slots = chunk_ / cls;
+  for (size_t i = slots; i-- > 0;) slab->free_slots.push_back(range->data_ptr() + i * cls);
+  std::lock_guard<std::mutex> lock(mu_);
+  reserved_ += chunk_;
+  reserved_peak_ = std::max(reserved_peak_, reserved_);
+  segments_ += 1;
+  uintptr_t ptr = slab->free_slots.back();
+  slab->free_slots.pop_back();
+  slab->used = 1;
+  auto b = std::make_unique<Block>(Block{ptr, size, cls, stream, tag, slab.get(), nullptr, {}, {}});
+  count_alloc_locked(*b, +1);
+  live_[ptr] = std::move(b);
+  slabs_[key].push_back(std::move(slab));
+  return reinterpret_cast<void*>(ptr);
+}
+
+void* CachingAllocator::take_cached_large(size_t chunks, size_t size, uintptr_t stream, Tag tag) {
+  auto it_list = large_.find(Key{stream, tag, 0});
+  if (it_list == large_.end()) return nullptr;
+  auto& cached = it_list->second;
+  // Best fit, accepting up to an eighth more than asked (one chunk for small
+  // counts) so that reuse never needs an unmap on the hot path.
+  auto it = cached.lower_bound(chunks);
+  if (it == cached.end() || it->first > chunks + std::max<size_t>(1, chunks / 8)) return nullptr;
+  std::unique_ptr<Block> b = std::move(it->second);
+  cached.erase(it);
+  b->size = size;
+  uintptr_t ptr = b->ptr;
+  count_alloc_locked(*b, +1);
+  live_[ptr] = std::move(b);
+  return reinterpret_cast<void*>(ptr);
+}
+
+void* CachingAllocator::allocate_large(size_t size, uintptr_t stream, Tag tag) {
+  size_t chunks = (size + chunk_ - 1) / chunk_;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    process_events_locked();
+    if (void* p = take_cached_large(chunks, size, stream, tag)) return p;
+  }
+  auto range = std::make_shared<VirtualTensor>(pool_, chunks * chunk_, tag);
+  range->resize(chunks * chunk_);
+  std::lock_guard<std::mutex> lock(mu_);
+  reserved_ += chunks * chunk_;
+  reserved_peak_ = std::max(reserved_peak_, reserved_);
+  segments_ += 1;
+  uintptr_t ptr = range->data_ptr();
+  auto b = std::make_unique<Block>(Block{ptr, size, chunks * chunk_, stream, tag, nullptr, range, {}, {}});
+  count_alloc_locked(*b, +1);
+  live_[ptr] = std::move(b);
+  return reinterpret_cast<void*>(ptr);
+}
+
+void CachingAllocator::free(void* p) {
+  if (!p) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = live_.find(reinterpret_cast<uintptr_t>(p));
+  if (it == live_.end()) throw InvalidArgument("torch_ellm: free of a pointer this allocator did not hand out");
+  std::unique_ptr<Block> b = std::move(it->second);
+  live_.erase(it);
+  count_alloc_locked(*b, -1);
+  if (b->other_streams.empty()) return recycle_locked(std::move(b));
+  // Used on other streams: reusable once the work queued there so far is done.
+  for (uintptr_t s : b->other_streams) b->events.push_back(pool_->backend().record_event(s));
+  b->other_streams.clear();
+  pending_.push_back(std::move(b));
+}
+
+void CachingAllocator::record_stream(void* p, uintptr_t stream) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = live_.find(reinterpret_cast<uintptr_t>(p));
+  if (it == live_.end()) throw InvalidArgument("torch_ellm: record_stream on a pointer this allocator did not hand out");
+  Block& b = *it->second;
+  if (stream != b.stream && std::find(b.other_streams.begin(), b.other_streams.end(), stream) == b.other_streams.end())
+    b.other_streams.push_back(stream);
+}
+
+void CachingAllocator::grant_access(void* p, int peer_device) {
+  std::shared_ptr<VirtualTensor> range;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = live_.find(reinterpret_cast<uintptr_t>(p));
+    if (it == live_.end()) throw InvalidArgument("torch_ellm: grant_access on a pointer this allocator did not hand out");
+    range = it->second->slab ? it->second->slab->range : it->second->range;
+  }
+  pool_->backend().grant_access(range->data_ptr(), range->mapped_bytes(), peer_device);
+}
+
+void CachingAllocator::recycle_locked(std::unique_ptr<Block> b) {
+  if (b->slab) {
+    b->slab->free_slots.push_back(b->ptr);
+    b->slab->used -= 1;
+    return;
+  }
+  size_t chunks = b->capacity / chunk_;
+  large_[Key{b->stream, b->tag, 0}].emplace(chunks, std::move(b));
+}
+
+void CachingAllocator::process_events_locked() {
+  auto& backend = pool_->backend();
+  for (size_t i = 0; i < pending_.size();) {
+    auto& ev = pending_[i]->events;
+    if (!std::all_of(ev.begin(), ev.end(), [&](uint64_t e) { return backend.event_done(e); })) {
+      ++i;
+      continue;
+    }
+    for (uint64_t e : ev) backend.destroy_event(e);
+    ev.clear();
+    recycle_locked(std::move(pending_[i]));
+    pending_.erase(pending_.begin() + static_cast<long>(i));
+  }
+}
+
+size_t CachingAllocator::empty_cache_locked(std::vector<std::shared_ptr<VirtualTensor>>& to_release) {
+  process_events_locked();
+  size_t freed = 0;
+  for (auto& [key, list] : slabs_) {
+    auto keep = std::stable_partition(list.begin(), list.end(), [](const auto& s) { return s->used > 0; });
+    for (auto it = keep; it != list.end(); ++it) {
+      to_release.push_back((*it)->range);
+      freed += chunk_;
+    }
+    list.erase(keep, list.end());
+  }
+  for (auto& [key, cached] : large_) {
+    for (auto& [chunks, b] : cached) {
+      to_release.push_back(b->range);
+      freed += chunks * chunk_;
+    }
+    cached.clear();
+  }
+  reserved_ -= freed;
+  segments_ -= to_release.size();
+  return freed;
+}
+
+size_t CachingAllocator::empty_cache() {
+  std::vector<std::shared_ptr<VirtualTensor>> to_release;
+  size_t freed;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    freed = empty_cache_locked(to_release);
+  }
+  for (auto& vt : to_release) vt->release();
+  return freed;
+}
+
+std::map<std::string, double> CachingAllocator::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  size_t requested = 0, pending = 0;
+  for (auto& [ptr, b] : live_) requested += b->size;
+  for (auto& b : pending_) pending += b->capacity;
+  auto d = [](size_t v) { return static_cast<double>(v); };
+  return {
+      {"allocated_bytes.all.current", d(allocated_)},
+      {"allocated_bytes.all.peak", d(allocated_peak_)},
+      {"allocated_bytes.all.allocated", d(allocated_total_)},
+      {"allocated_bytes.all.freed", d(freed_total_)},
+      {"requested_bytes.all.current", d(requested)},
+      {"active_bytes.all.current", d(allocated_ + pending)},
+      {"reserved_bytes.all.current", d(reserved_)},
+      {"reserved_bytes.all.peak", d(reserved_peak_)},
+      {"allocation.all.current", d(allocations_)},
+      {"segment.all.current", d(segments_)},
+      {"num_alloc_retries", d(num_alloc_retries_)},
+      {"num_ooms", d(num_ooms_)},
+  };
+}
+
+size_t CachingAllocator::live_blocks() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return live_.size() + pending_.size();
+}
+
+void CachingAllocator::reset_peak_stats() {
+  std::lock_guard<std::mutex> lock(mu_);
+  allocated_peak_ = allocated_;
+  reserved_peak_ = reserved_;
+}
+
+}  // namespace ellm

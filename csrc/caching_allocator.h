@@ -1,0 +1,92 @@
+// CachingAllocator: PyTorch's alloc/free over one Pool, per device.
+// Small requests share one-chunk slabs by size class; large requests get their
+// own virtual range, mapped chunk by chunk from anywhere in the pool, so a
+// large block needs free chunks, never contiguous physical memory. Freed blocks
+// are cached per stream and reused on that stream without a driver call.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "pool.h"
+#include "virtual_tensor.h"
+
+namespace ellm {
+
+class CachingAllocator {
+ public:
+  explicit CachingAllocator(std::shared_ptr<Pool> pool);
+  ~CachingAllocator();
+
+  void* allocate(size_t size, uintptr_t stream, Tag tag);
+  void free(void* ptr);
+  // The block is also used on `stream`: it is reused only after that work ends.
+  void record_stream(void* ptr, uintptr_t stream);
+  // Let another device use the block's whole mapped range.
+  void grant_access(void* ptr, int peer_device);
+  // Unmap every cached block; chunks go back to the pool. Returns bytes freed.
+  size_t empty_cache();
+  std::map<std::string, double> stats() const;
+  void reset_peak_stats();
+  size_t live_blocks() const;
+  std::shared_ptr<Pool> pool() { return pool_; }
+  size_t small_limit() const { return small_limit_; }
+
+ private:
+  struct Slab;
+  struct Block {
+    uintptr_t ptr;
+    size_t size;       // bytes asked for
+    size_t capacity;   // bytes the block occupies (slot or mapped range)
+    uintptr_t stream;
+    Tag tag;
+    Slab* slab;                              // small blocks
+    std::shared_ptr<VirtualTensor> range;    // large blocks
+    std::vector<uintptr_t> other_streams;
+    std::vector<uint64_t> events;            // pending before reuse
+  };
+  struct Slab {
+    std::shared_ptr<VirtualTensor> range;
+    size_t slot;
+    std::vector<uintptr_t> free_slots;
+    size_t used = 0;
+  };
+  // Free lists are keyed by stream and tag: reuse stays on the stream that
+  // freed a block, and pool stats by tag stay exact.
+  struct Key {
+    uintptr_t stream;
+    Tag tag;
+    size_t size_class;
+    bool operator<(const Key& o) const {
+      return std::tie(stream, tag, size_class) < std::tie(o.stream, o.tag, o.size_class);
+    }
+  };
+
+  size_t size_class(size_t size) const;
+  void* allocate_small(size_t size, size_t cls, uintptr_t stream, Tag tag);
+  void* allocate_large(size_t size, uintptr_t stream, Tag tag);
+  void* take_cached_large(size_t chunks, size_t size, uintptr_t stream, Tag tag);
+  void recycle_locked(std::unique_ptr<Block> b);
+  void process_events_locked();
+  size_t empty_cache_locked(std::vector<std::shared_ptr<VirtualTensor>>& to_release);
+  void count_alloc_locked(const Block& b, int sign);
+
+  std::shared_ptr<Pool> pool_;
+  const size_t chunk_;
+  const size_t small_limit_;
+  mutable std::mutex mu_;
+  std::unordered_map<uintptr_t, std::unique_ptr<Block>> live_;
+  std::map<Key, std::vector<std::unique_ptr<Slab>>> slabs_;             // small: slabs by class
+  std::map<Key, std::multimap<size_t, std::unique_ptr<Block>>> large_;  // large: cached blocks by chunks
+  std::vector<std::unique_ptr<Block>> pending_;                         // freed, waiting on events
+  // Counters with PyTorch's names (memory_stats()).
+  size_t allocated_ = 0, allocated_peak_ = 0, reserved_ = 0, reserved_peak_ = 0;
+  size_t allocations_ = 0, segments_ = 0;
+  size_t num_alloc_retries_ = 0, num_ooms_ = 0, allocated_total_ = 0, freed_total_ = 0;
+};
+
+}  // namespace ellm
