@@ -1,0 +1,80 @@
+"""Attention over block tables, in plain PyTorch (CPU and CUDA).
+
+A step's tokens are laid out flat: every prefill chunk's tokens, then one token per decoding
+sequence. Prefill chunks attend one sequence at a time (a chunk sees all earlier tokens of its
+sequence and itself causally); decodes run as padded batches with a key mask."""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class StepLayout:
+    """Where each sequence's tokens sit in the flat step and which KV blocks it reads."""
+    prefills: list  # (first token index, number of tokens, context length, block table tensor)
+    decodes: list  # (first token index, block tables [batch, blocks] padded with block 0, key mask)
+    slots: torch.Tensor  # flat KV slot of every token: block * block_size + offset
+
+
+def is_decode(seq, num_tokens):
+    """One query token after cached context: runs in the batched decode path (also a prefill's last 1-token chunk)."""
+    return num_tokens == 1 and seq.num_computed > 0
+
+
+def build_layout(chunks, block_size, gather_limit, device):
+    """chunks: (sequence, number of new tokens), with every is_decode chunk after the others. Decodes
+    run in groups that copy at most gather_limit K/V tokens out of the cache at once, so attention's
+    memory stays within what a single max-length prefill needs (the activation profile's worst case)."""
+    prefills, slots, decodes = [], [], []
+    start = 0
+    for seq, n in chunks:
+        table = torch.tensor(seq.block_table, dtype=torch.long)
+        positions = torch.arange(seq.num_computed, seq.num_computed + n)
+        slots.append(table[positions // block_size] * block_size + positions % block_size)
+        ctx = seq.num_computed + n
+        if is_decode(seq, n):
+            decodes.append((table, ctx))
+        else:
+            if decodes:
+                raise ValueError("prefill chunks must come before decodes in a step")
+            prefills.append((start, n, ctx, table.to(device)))
+        start += n
+    groups = []
+    first = start - len(decodes)
+    while decodes:
+        width = max(len(t) for t, _ in decodes)
+        size = max(1, gather_limit // (width * block_size))
+        group, decodes = decodes[:size], decodes[size:]
+        tables = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros(len(group), 1, 1, width * block_size, dtype=torch.bool)
+        for i, (table, ctx) in enumerate(group):
+            tables[i, :len(table)] = table
+            mask[i, ..., :ctx] = True
+        groups.append((first, tables.to(device), mask.to(device)))
+        first += len(group)
+    return StepLayout(prefills, groups, torch.cat(slots).to(device))
+
+
+def paged_attention(q, cache, layout, scale):
+    """q [tokens, heads, head_dim]; cache the layer's KV view [blocks, 2, block_size, kv_heads, head_dim].
+    Returns [tokens, heads, head_dim]."""
+    out = torch.empty_like(q)
+    for start, n, ctx, table in layout.prefills:
+        kv = cache[table].transpose(0, 1).flatten(1, 2)[:, :ctx]  # [2, ctx, kv_heads, head_dim]
+        k, v = kv[0].transpose(0, 1), kv[1].transpose(0, 1)
+        qs = q[start:start + n].transpose(0, 1)
+        if n == ctx:
+            o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:  # a later chunk: query i sits at position ctx - n + i and sees keys up to it
+            mask = torch.arange(ctx, device=q.device)[None, :] <= torch.arange(ctx - n, ctx, device=q.device)[:, None]
+            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start:start + n] = o.transpose(0, 1)
+    for start, tables, mask in layout.decodes:
+        batch = tables.shape[0]
+        kv = cache[tables].transpose(1, 2).flatten(2, 3)  # [batch, 2, keys, kv_heads, head_dim]
+        k, v = kv[:, 0].transpose(1, 2), kv[:, 1].transpose(1, 2)
+        qs = q[start:start + batch].view(batch, 1, *q.shape[1:]).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start:start + batch] = o.transpose(1, 2).flatten(0, 1)
+    return out

@@ -1,0 +1,68 @@
+"""The paged KV cache: per layer one virtual tensor of blocks [block, K|V, slot, kv_head, head_dim].
+Only blocks below the mapped size are backed by memory; resize() inflates or deflates all layers."""
+import torch
+
+from torch_ellm.errors import OutOfMemoryError
+
+
+class KVCache:
+    def __init__(self, pool, num_layers, num_kv_heads, head_dim, block_size, max_blocks, dtype):
+        self.pool = pool
+        self.block_shape = (2, block_size, num_kv_heads, head_dim)
+        self.dtype = dtype
+        self.block_bytes = 2 * block_size * num_kv_heads * head_dim * dtype.itemsize  # one layer
+        self.max_blocks = max_blocks
+        self.layers = [pool.virtual_tensor(max_blocks * self.block_bytes, tag="kv") for _ in range(num_layers)]
+        self.views = []
+        self.num_blocks = 0
+
+    def _mapped_bytes(self, num_blocks):
+        chunk = self.pool.chunk_bytes
+        return -(-num_blocks * self.block_bytes // chunk) * chunk
+
+    def bytes_to_resize(self, num_blocks):
+        """Device bytes resize(num_blocks) would add (negative: free), over all layers."""
+        return len(self.layers) * (self._mapped_bytes(num_blocks) - self._mapped_bytes(self.num_blocks))
+
+    def resize(self, num_blocks):
+        """Map exactly enough chunks for num_blocks blocks in every layer. On OutOfMemoryError every
+        layer is put back as it was."""
+        if num_blocks == self.num_blocks:
+            return
+        old = self.num_blocks
+        self.views = []  # a live view would pin the bytes a shrink unmaps
+        done = []
+        try:
+            for vt in self.layers:
+                vt.resize(num_blocks * self.block_bytes)
+                done.append(vt)
+        except OutOfMemoryError:
+            for vt in done:
+                vt.resize(old * self.block_bytes)
+            num_blocks = old
+            raise
+        finally:
+            self.num_blocks = num_blocks
+            self.views = [vt.as_tensor((num_blocks, *self.block_shape), self.dtype) for vt in self.layers]
+
+    @property
+    def device_bytes(self):
+        return sum(vt.mapped_bytes - vt.host_bytes for vt in self.layers)
+
+    @property
+    def host_bytes(self):
+        return sum(vt.host_bytes for vt in self.layers)
+
+    def write(self, layer, slots, k, v):
+        """Store k, v [tokens, kv_heads, head_dim] at flat slot indices (block * block_size + offset)."""
+        cache = self.views[layer]
+        block_size = self.block_shape[1]
+        blocks, offsets = slots // block_size, slots % block_size
+        cache[blocks, 0, offsets] = k
+        cache[blocks, 1, offsets] = v
+
+    def release(self):
+        self.views = []
+        for vt in self.layers:
+            vt.release()
+        self.num_blocks = 0

@@ -1,0 +1,174 @@
+"""Memory modes and activation accounting.
+
+At start-up the activation bytes of a step are measured as a function of its batched tokens (the
+way vLLM sizes its reserve): each profile run is a chunk of T tokens at the end of a max-length
+context, the worst case for T tokens. Then:
+- static: the activation peak for max_batched_tokens is reserved once; the rest of the budget becomes
+  a fixed KV pool.
+- elastic: before each step its activation bytes are charged to the pool (a virtual tensor tagged
+  'activations', resized to the step's need) and given back after it; the KV cache maps blocks only
+  as they are used and unmaps its free tail, so KV and activations compete for one budget.
+On CUDA with enable() the activations really come from the pool; on CPU the charge stands in for them."""
+import bisect
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+
+def _round_up(n, unit):
+    return -(-n // unit) * unit
+
+
+class _PeakBytes(TorchDispatchMode):
+    """Live bytes of the storages allocated inside the mode, and their peak. A storage counts while
+    any tensor produced inside the mode still refers to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._refs = {}  # storage address -> [tensors alive, bytes]
+
+    def _drop(self, key):
+        entry = self._refs[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= entry[1]
+            del self._refs[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            key = t.untyped_storage().data_ptr()
+            if key in self._refs:
+                self._refs[key][0] += 1
+            elif key in inputs or t.untyped_storage().nbytes() == 0:
+                continue  # a view or in-place result of something allocated before the mode (weights)
+            else:
+                self._refs[key] = [1, t.untyped_storage().nbytes()]
+                self.live += self._refs[key][1]
+                self.peak = max(self.peak, self.live)
+            weakref.finalize(t, self._drop, key)
+        return out
+
+
+class ActivationProfile:
+    """Measured activation bytes at a few batched-token counts; estimates interpolate linearly
+    between them and round up."""
+
+    def __init__(self, tokens, nbytes):
+        self.tokens, self.nbytes = list(tokens), list(nbytes)
+
+    @classmethod
+    def measure(cls, runner, kv_cache, max_batched_tokens, points=4):
+        """kv_cache: a scratch cache with room for ceil(max_batched_tokens / max_model_len) full contexts."""
+        from .sequence import Sequence
+        from .sampling_params import SamplingParams
+
+        max_len = runner.max_model_len
+        tokens = sorted({max(1, max_batched_tokens * i // points) for i in range(points + 1)})
+        measured = []
+        for t in tokens:
+            chunks, next_block = [], 0
+            for piece in [max_len] * (t // max_len) + ([t % max_len] if t % max_len else []):
+                seq = Sequence(-1, [0] * max_len, SamplingParams())
+                seq.num_computed = max_len - piece
+                blocks = -(-max_len // kv_cache.block_shape[1])
+                seq.block_table = list(range(next_block, next_block + blocks))
+                next_block += blocks
+                chunks.append((seq, piece))
+            chunks.sort(key=lambda c: c[1] == 1)  # a 1-token piece runs in the decode path
+            with _PeakBytes() as tracker:
+                runner.run(chunks, kv_cache)
+            measured.append(tracker.peak)
+        return cls(tokens, measured)
+
+    def bytes_for(self, num_tokens):
+        """Activation bytes of a step with num_tokens batched tokens (0 for none)."""
+        if num_tokens <= 0:
+            return 0
+        xs, ys = [0] + self.tokens, [0] + self.nbytes
+        i = min(max(bisect.bisect_left(xs, num_tokens), 1), len(xs) - 1)
+        (t0, t1), (b0, b1) = xs[i - 1:i + 1], ys[i - 1:i + 1]
+        return max(0, -(-(b0 * (t1 - num_tokens) + b1 * (num_tokens - t0)) // (t1 - t0)))
+
+
+class Memory:
+    """Decides whether a step's KV blocks and activations fit the budget, and maps them around the step."""
+
+    def __init__(self, pool, kv_cache, profile, mode, max_batched_tokens):
+        if mode not in ("static", "elastic"):
+            raise ValueError(f"mode must be 'static' or 'elastic', got {mode!r}")
+        self.pool, self.kv, self.profile, self.mode = pool, kv_cache, profile, mode
+        self.peak_activation_bytes = _round_up(profile.bytes_for(max_batched_tokens), pool.chunk_bytes)
+        self.activations = pool.virtual_tensor(max(self.peak_activation_bytes, pool.chunk_bytes), tag="activations")
+        self.static_blocks = 0
+        if mode == "static":
+            if self.peak_activation_bytes > pool.budget_bytes:
+                raise ValueError(f"budget {pool.budget_bytes} B cannot hold the activation peak "
+                                 f"{self.peak_activation_bytes} B of {max_batched_tokens} batched tokens")
+            self.activations.resize(self.peak_activation_bytes)
+            self.static_blocks = self._blocks_within(self.device_room())
+            kv_cache.resize(self.static_blocks)
+
+    def device_room(self):
+        s = self.pool.stats()
+        return s["budget_bytes"] - s["mapped_device_bytes"]
+
+    def host_room(self):
+        return self.pool.host_budget_bytes - self.pool.borrowed_bytes
+
+    def _blocks_within(self, nbytes):
+        """The most blocks the KV cache could map with nbytes more than it has now."""
+        lo, hi = self.kv.num_blocks, self.kv.max_blocks
+        while lo < hi:  # bytes_to_resize grows with the block count: bisect
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.kv.bytes_to_resize(mid) <= nbytes else (lo, mid - 1)
+        return lo
+
+    def _kv_blocks(self, high_water):
+        """Blocks to map for a step: elastic maps just the high water (its free tail goes), static never
+        drops below its fixed pool."""
+        return high_water if self.mode == "elastic" else max(high_water, self.static_blocks)
+
+    def _activation_growth(self, num_tokens):
+        if self.mode == "static":
+            return 0
+        return _round_up(self.profile.bytes_for(num_tokens), self.pool.chunk_bytes) - self.activations.mapped_bytes
+
+    def fits(self, high_water, num_tokens, host_allowance=0):
+        """Would a step with num_tokens tokens whose KV reaches block high_water fit, borrowing at most
+        host_allowance bytes of host memory?"""
+        need = self.kv.bytes_to_resize(self._kv_blocks(high_water)) + self._activation_growth(num_tokens)
+        return need <= self.device_room() + min(host_allowance, self.host_room())
+
+    def max_blocks_alone(self):
+        """The most KV blocks one request could ever hold (all others gone, the host budget borrowed)."""
+        static = self.mode == "static"
+        room = self.pool.host_budget_bytes + (0 if static else self.pool.budget_bytes - self.peak_activation_bytes)
+        chunks_per_layer = max(0, room) // (len(self.kv.layers) * self.pool.chunk_bytes)
+        base = self.static_blocks if static else 0
+        return min(self.kv.max_blocks, base + chunks_per_layer * self.pool.chunk_bytes // self.kv.block_bytes)
+
+    def begin_step(self, high_water, num_tokens):
+        """Map everything the step needs before it runs (OutOfMemoryError if it does not fit)."""
+        self.kv.resize(self._kv_blocks(high_water))  # first: a shrinking tail makes room for activations
+        if self.mode == "elastic":
+            self.activations.resize(_round_up(self.profile.bytes_for(num_tokens), self.pool.chunk_bytes))
+
+    def end_step(self, high_water):
+        """Give back what the step no longer needs: its activations and the KV cache's free tail."""
+        if self.mode == "elastic":
+            self.activations.resize(0)
+        self.kv.resize(self._kv_blocks(high_water))
+        if self.pool.borrowed_bytes:
+            self.pool.return_borrowed()
+
+    def release(self):
+        self.activations.release()
+        self.kv.release()
