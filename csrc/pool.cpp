@@ -110,17 +110,20 @@ std::vector<Chunk> Pool::acquire(size_t n, Location where, Tag tag, bool may_def
   if (n == 0) return out;
   auto t0 = now();
   for (int attempt = 0;; ++attempt) {
+    size_t short_chunks;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (take_locked(n, where, tag, out)) {
         log_locked("alloc", n * chunk_bytes_, now() - t0);
         return out;
       }
+      size_t limit = limit_locked(where), live = tier(where).live;
+      short_chunks = live + n > limit ? live + n - limit : n;
     }
     // Short of memory: free what others can spare, then try again. Never
     // from inside a consumer's own shrink (it would ask itself).
     if (where != Location::Device || !may_deflate || deflating || attempt >= 3) break;
-    if (deflate(n * chunk_bytes_) == 0 && attempt > 0) break;
+    if (deflate(short_chunks * chunk_bytes_) == 0 && attempt > 0) break;
   }
   std::lock_guard<std::mutex> lock(mu_);
   counters_["num_ooms"] += 1;

@@ -9,10 +9,11 @@ from .allocator import (configure, empty_cache, enable, grant_peer_access, is_en
                         memory_summary, pool, record_stream, reset_peak_memory_stats, tag)
 from .pool import TAGS, Pool, VirtualTensor
 from .sizes import format_bytes, parse_bytes
+from .timeline import plot_timeline
 
 _C._set_error_classes(OutOfMemoryError, ReleasedError, BackendError)
 
 __all__ = ["Pool", "VirtualTensor", "TAGS", "OutOfMemoryError", "ReleasedError", "BackendError",
            "parse_bytes", "format_bytes", "enable", "is_enabled", "configure", "mem_pool", "tag", "pool",
            "memory_stats", "memory_summary", "empty_cache", "reset_peak_memory_stats", "record_stream",
-           "grant_peer_access"]
+           "grant_peer_access", "plot_timeline"]

@@ -1,6 +1,7 @@
 """Pool and VirtualTensor: the Python face of the C++ core (csrc/pool.h, csrc/virtual_tensor.h)."""
 import contextlib
 import os
+import warnings
 
 import torch
 
@@ -116,6 +117,45 @@ class Pool:
     def return_borrowed(self):
         """Move borrowed chunks back to the device while the budget has room; returns bytes moved."""
         return self._pool.return_borrowed()
+
+    def add_consumer(self, name, shrink, releasable=None, priority=0):
+        """Register something that can give memory back when the pool is short: shrink(bytes_wanted)
+        returns the bytes it freed (by shrinking its virtual tensors). Consumers are asked in priority
+        order (lower first) before the pool borrows host memory. A consumer that raises is skipped
+        (with a warning) rather than failing the allocation that asked. Returns an id."""
+
+        def safe_shrink(want):
+            try:
+                return int(shrink(want))
+            except Exception as e:  # an allocation elsewhere must not fail because a consumer did
+                warnings.warn(f"torch_ellm: consumer {name!r} failed to shrink: {e!r}")
+                return 0
+
+        def safe_releasable():
+            try:
+                return int(releasable()) if releasable else 0
+            except Exception:
+                return 0
+
+        return self._pool.add_consumer(name, priority, safe_shrink, safe_releasable)
+
+    def remove_consumer(self, consumer_id):
+        self._pool.remove_consumer(consumer_id)
+
+    @property
+    def policy(self):
+        """{'borrow': {tag: bool}, 'keep_free_bytes': int}: which tags may move to host memory, and the
+        device headroom kept for activations (an imminent prefill)."""
+        return self._pool.get_policy()
+
+    def set_policy(self, borrow=None, keep_free_bytes=None):
+        """Override which tags may be borrowed (e.g. {'kv': True, 'weights': False}) and the headroom."""
+        current = self._pool.get_policy()
+        borrow = dict(borrow or {})
+        for t in borrow:
+            _check_tag(t)
+        keep = current["keep_free_bytes"] if keep_free_bytes is None else parse_bytes(keep_free_bytes, "keep_free_bytes")
+        self._pool.set_policy(borrow, keep)
 
     def events(self):
         """The bounded event log: dicts with t, kind, bytes, seconds, device_bytes, host_bytes, tag_bytes."""
