@@ -111,6 +111,34 @@ ELLM_EXPORT int torch_ellm_record_stream(void* ptr, int device, void* stream) {
 
 ELLM_EXPORT const char* torch_ellm_last_error() { return last_error.c_str(); }
 
+// Hooks for PyTorch's C++ pluggable-allocator API (torch_ellm/hooks.py installs them on CUDA).
+// PyTorch's record_stream hook passes no device: ask each device's allocator.
+ELLM_EXPORT int torch_ellm_record_stream_any(void* ptr, void* stream) {
+  return guarded([&] {
+    for (int d : active_devices())
+      if (allocator_for(d, false)->owns(ptr)) return allocator_for(d, false)->record_stream(ptr, reinterpret_cast<uintptr_t>(stream));
+    throw InvalidArgument("record_stream on a pointer no torch_ellm allocator handed out");
+  });
+}
+
+ELLM_EXPORT int torch_ellm_empty_cache_all() {
+  return guarded([&] {
+    for (int d : active_devices()) {
+      auto a = allocator_for(d, false);
+      a->empty_cache();
+      a->pool()->trim();
+    }
+  });
+}
+
+ELLM_EXPORT int torch_ellm_set_memory_fraction(double fraction, int device) {
+  return guarded([&] {
+    if (!(fraction > 0 && fraction <= 1)) throw InvalidArgument("memory fraction must be in (0, 1]");
+    auto pool = allocator_for(device, true)->pool();
+    pool->set_budget(static_cast<size_t>(static_cast<double>(pool->backend().capabilities().total_memory) * fraction));
+  });
+}
+
 // PyTorch's entry points. PyTorch is C++ and lets exceptions from here reach
 // Python; out of memory goes through the thrower enable() installs, which
 // raises c10::OutOfMemoryError so users get torch.OutOfMemoryError.

@@ -266,6 +266,11 @@ std::map<std::string, double> CachingAllocator::stats() const {
   };
 }
 
+bool CachingAllocator::owns(void* p) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return live_.count(reinterpret_cast<uintptr_t>(p)) > 0;
+}
+
 size_t CachingAllocator::live_blocks() const {
   std::lock_guard<std::mutex> lock(mu_);
   return live_.size() + pending_.size();

@@ -33,6 +33,7 @@ class CachingAllocator {
   std::map<std::string, double> stats() const;
   void reset_peak_stats();
   size_t live_blocks() const;
+  bool owns(void* ptr) const;
   std::shared_ptr<Pool> pool() { return pool_; }
   size_t small_limit() const { return small_limit_; }
 

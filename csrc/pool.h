@@ -41,7 +41,7 @@ struct Policy {
 
 struct Event {
   double t;            // seconds since the pool was made
-  std::string kind;    // alloc, free, trim, deflate, borrow, return, budget, oom
+  const char* kind;    // alloc, free, trim, deflate, borrow, return, budget, oom (static strings)
   size_t bytes;        // bytes the event moved
   double seconds;      // how long it took
   size_t device_bytes; // device chunks in use after the event

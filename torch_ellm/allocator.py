@@ -2,21 +2,21 @@
 
 The allocator lives in torch_ellm._C (csrc/caching_allocator.cpp) and is registered with
 torch.cuda.memory.CUDAPluggableAllocator. With it, torch.cuda.memory_stats() and friends raise
-(PyTorch's pluggable allocators have no stats hook), so memory_stats(), memory_summary() and
-empty_cache() here give the same information with PyTorch's key names.
+(PyTorch's pluggable allocators have no stats hook), so memory_stats() and memory_summary()
+here give the same information with PyTorch's key names.
 """
 import contextlib
 import os
 
 import torch
 
-from . import _C, oom
+from . import _C, shim
 from .pool import TAGS, Pool
 from .sizes import format_bytes, parse_bytes
 
 ENV = "TORCH_ELLM_CONF"
 _KEYS = {"budget": "budget", "host_budget": "host_budget", "chunk": "chunk", "fraction": "fraction"}
-_state = {"enabled": False, "allocator": None}
+_state = {"enabled": False}
 
 
 def parse_conf(text):
@@ -52,31 +52,34 @@ def configure(backend="cuda", budget=None, host_budget=None, chunk=None, fractio
                            parse_bytes(granularity, "granularity"))
 
 
-def enable(budget=None, host_budget=None, chunk=None, fraction=None, oom_error=True):
+def enable(budget=None, host_budget=None, chunk=None, fraction=None):
     """Route every CUDA allocation of this process through torch_ellm's pool.
 
     Call it first, before anything touches CUDA memory. Settings come from keyword arguments,
     else from TORCH_ELLM_CONF (e.g. "budget:70GiB,host_budget:32GiB,chunk:2MiB"). One pool per
-    visible GPU is made on first use. With oom_error, an exhausted pool raises
-    torch.OutOfMemoryError (a small shim is compiled once for that); otherwise RuntimeError.
+    visible GPU is made on first use. An exhausted pool raises torch.OutOfMemoryError, and
+    torch.cuda.empty_cache(), Tensor.record_stream and set_per_process_memory_fraction reach the
+    pool, through a small shim compiled once (see torch_ellm/shim.py); where it cannot be built,
+    enable() warns and registers alloc/free alone.
     """
     if _state["enabled"]:
-        return _state["allocator"]
+        return
     if not torch.cuda.is_available():
         raise RuntimeError("torch_ellm.enable() needs CUDA, and torch.cuda.is_available() is False. On CPU, use "
                            "torch_ellm.Pool(backend='host') and virtual tensors directly.")
     configure("cuda", budget, host_budget, chunk, fraction)
-    allocator = torch.cuda.memory.CUDAPluggableAllocator(_C.__file__, "torch_ellm_alloc", "torch_ellm_free")
     try:
-        torch.cuda.memory.change_current_allocator(allocator)
+        if not shim.install_cuda_allocator():
+            torch.cuda.memory.change_current_allocator(_python_allocator())
     except RuntimeError as e:
         raise RuntimeError("torch_ellm.enable() must run before this process allocates any CUDA memory: PyTorch "
                            f"refuses to swap an allocator already in use ({e}). Call enable() first thing in your "
                            "script, before models or tensors go to CUDA.") from e
-    if oom_error:
-        oom.install()
-    _state.update(enabled=True, allocator=allocator)
-    return allocator
+    _state["enabled"] = True
+
+
+def _python_allocator():
+    return torch.cuda.memory.CUDAPluggableAllocator(_C.__file__, "torch_ellm_alloc", "torch_ellm_free")
 
 
 def is_enabled():
@@ -88,8 +91,7 @@ def mem_pool():
     `with torch.cuda.use_mem_pool(torch_ellm.mem_pool()): ...` puts only that code in the pool.
     Call configure() first to set the budget. PyTorch's caching allocator still caches and
     splits inside a MemPool; routing is per thread."""
-    allocator = torch.cuda.memory.CUDAPluggableAllocator(_C.__file__, "torch_ellm_alloc", "torch_ellm_free")
-    return torch.cuda.MemPool(allocator.allocator())
+    return torch.cuda.MemPool(_python_allocator().allocator())
 
 
 @contextlib.contextmanager

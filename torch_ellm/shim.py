@@ -1,0 +1,111 @@
+"""The small part of torch_ellm that is compiled against PyTorch, once, at enable() time.
+
+torch_ellm._C does not link PyTorch (it builds and imports anywhere). Two things need PyTorch's
+C++ API, so a shim is built with torch.utils.cpp_extension (cached by PyTorch in
+TORCH_EXTENSIONS_DIR; the first build takes about a minute):
+- out of memory as torch.OutOfMemoryError: PyTorch turns any other exception from a pluggable
+  allocator into a plain RuntimeError (PyTorch issue 133280), so the allocator calls a thrower
+  here that raises c10::OutOfMemoryError;
+- on CUDA, the allocator is made through PyTorch's C++ pluggable-allocator API, which, unlike the
+  Python one, takes the reset (empty_cache), memory-fraction and record_stream hooks.
+"""
+import ctypes
+import warnings
+
+import torch
+
+from . import _C
+
+_SOURCE = r"""
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+#ifdef ELLM_CUDA_HOOKS
+#include <torch/csrc/cuda/CUDAPluggableAllocator.h>
+#endif
+
+extern "C" void torch_ellm_throw_oom(const char* message) {
+  throw c10::OutOfMemoryError({__func__, __FILE__, static_cast<uint32_t>(__LINE__)}, message);
+}
+
+int64_t thrower_address() { return reinterpret_cast<int64_t>(&torch_ellm_throw_oom); }
+void raise_oom(const std::string& message) { torch_ellm_throw_oom(message.c_str()); }
+
+#ifdef ELLM_CUDA_HOOKS
+// The entry points of torch_ellm._C, passed in as addresses (the shim cannot link that module).
+void install_allocator(int64_t alloc, int64_t free, int64_t record_stream, int64_t reset, int64_t fraction) {
+  auto alloc_fn = reinterpret_cast<void* (*)(ssize_t, int, void*)>(alloc);
+  auto free_fn = reinterpret_cast<void (*)(void*, ssize_t, int, void*)>(free);
+  auto record_fn = reinterpret_cast<int (*)(void*, void*)>(record_stream);
+  auto reset_fn = reinterpret_cast<int (*)()>(reset);
+  auto fraction_fn = reinterpret_cast<int (*)(double, int)>(fraction);
+  using torch::cuda::CUDAPluggableAllocator::CUDAPluggableAllocator;
+  auto allocator = torch::cuda::CUDAPluggableAllocator::createCustomAllocator(
+      [alloc_fn](size_t size, int device, cudaStream_t stream) {
+        return alloc_fn(static_cast<ssize_t>(size), device, stream);
+      },
+      [free_fn](void* ptr, size_t size, int device, cudaStream_t stream) {
+        free_fn(ptr, static_cast<ssize_t>(size), device, stream);
+      });
+  auto* hooks = dynamic_cast<CUDAPluggableAllocator*>(allocator.get());
+  TORCH_CHECK(hooks, "torch_ellm: PyTorch's custom allocator is not a CUDAPluggableAllocator");
+  // A pointer from elsewhere (a MemPool's own) is not ours to track: ignore the code.
+  hooks->set_record_stream_fn([record_fn](void* ptr, cudaStream_t stream) { (void)record_fn(ptr, stream); });
+  hooks->set_reset_fn([reset_fn] { (void)reset_fn(); });
+  hooks->set_memory_fraction_fn([fraction_fn](double f, int device) {
+    TORCH_CHECK(fraction_fn(f, device) == 0, "torch_ellm: cannot set the memory fraction to ", f);
+  });
+  torch::cuda::CUDAPluggableAllocator::changeCurrentAllocator(allocator);
+}
+#endif
+
+TORCH_LIBRARY(torch_ellm_shim, m) {
+  m.def("thrower_address() -> int", &thrower_address);
+  m.def("raise_oom(str message) -> ()", &raise_oom);
+#ifdef ELLM_CUDA_HOOKS
+  m.def("install_allocator(int alloc, int free, int record_stream, int reset, int fraction) -> ()",
+        &install_allocator);
+#endif
+}
+"""
+
+_loaded = {}
+
+
+def load(cuda=False):
+    """Build (first time only) and load the shim; returns the torch.ops.torch_ellm_shim namespace."""
+    if cuda not in _loaded:
+        if _loaded:
+            raise RuntimeError("torch_ellm: the shim is already loaded without CUDA hooks")
+        from torch.utils.cpp_extension import load_inline
+
+        load_inline(name="torch_ellm_shim_cuda" if cuda else "torch_ellm_shim", cpp_sources=_SOURCE,
+                    extra_cflags=["-DELLM_CUDA_HOOKS"] if cuda else [], with_cuda=cuda, is_python_module=False)
+        _loaded[cuda] = torch.ops.torch_ellm_shim
+    return _loaded[cuda]
+
+
+def _address(lib, name):
+    return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+
+
+def install_oom_error(ops):
+    _C.set_oom_thrower(ops.thrower_address())
+
+
+def install_cuda_allocator():
+    """Register torch_ellm as PyTorch's CUDA allocator with every hook. Returns False (with a
+    warning saying what is lost) where the shim cannot be built; the caller then falls back to
+    the Python API, which takes alloc and free only."""
+    try:
+        ops = load(cuda=True)
+    except Exception as e:  # no compiler or headers here: degrade, but say so
+        warnings.warn(f"torch_ellm: could not build the PyTorch shim ({e}); out of memory will raise RuntimeError, "
+                      "and torch.cuda.empty_cache/record_stream/set_per_process_memory_fraction will not reach "
+                      "torch_ellm (use torch_ellm.empty_cache/record_stream instead)")
+        return False
+    lib = ctypes.CDLL(_C.__file__)
+    ops.install_allocator(*(_address(lib, n) for n in ("torch_ellm_alloc", "torch_ellm_free",
+                                                         "torch_ellm_record_stream_any", "torch_ellm_empty_cache_all",
+                                                         "torch_ellm_set_memory_fraction")))
+    install_oom_error(ops)
+    return True
