@@ -130,6 +130,26 @@ void* CachingAllocator::take_cached_large(size_t chunks, size_t size, uintptr_t 
   return reinterpret_cast<void*>(ptr);
 }
 
+void CachingAllocator::recycle_cached_large_locked(size_t chunks,
+                                                   std::vector<std::shared_ptr<VirtualTensor>>& to_release) {
+  size_t cached = 0;
+  for (auto& [key, blocks] : large_)
+    for (auto& [n, b] : blocks) cached += n;
+  if (cached < chunks) return;
+  size_t freed = 0;
+  for (auto& [key, blocks] : large_) {
+    // Largest first: the fewest unmaps for the chunks needed.
+    while (freed < chunks && !blocks.empty()) {
+      auto last = std::prev(blocks.end());
+      freed += last->first;
+      to_release.push_back(last->second->range);
+      blocks.erase(last);
+      segments_ -= 1;
+    }
+  }
+  reserved_ -= freed * chunk_;
+}
+
 void* CachingAllocator::allocate_large(size_t size, uintptr_t stream, Tag tag) {
   size_t chunks = (size + chunk_ - 1) / chunk_;
   {
@@ -137,6 +157,15 @@ void* CachingAllocator::allocate_large(size_t size, uintptr_t stream, Tag tag) {
     process_events_locked();
     if (void* p = take_cached_large(chunks, size, stream, tag)) return p;
   }
+  // A miss. If the cache holds enough chunks for this request, unmap cached
+  // blocks and map their chunks here rather than grow: reserved memory stays
+  // near what is live. That costs a synchronize, on misses only.
+  std::vector<std::shared_ptr<VirtualTensor>> to_release;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    recycle_cached_large_locked(chunks, to_release);
+  }
+  for (auto& vt : to_release) vt->release();
   auto range = std::make_shared<VirtualTensor>(pool_, chunks * chunk_, tag);
   range->resize(chunks * chunk_);
   std::lock_guard<std::mutex> lock(mu_);
