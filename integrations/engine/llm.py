@@ -34,11 +34,14 @@ class LLM:
     budget_bytes is the pool's device budget for KV cache and activations (weights live outside it);
     host_budget_bytes how much KV may be borrowed to host memory. mode "static" reserves the
     activation peak and fixes the KV pool; "elastic" lets both share the budget step by step. policy
-    "fcfs" or "slo"; preemption "recompute" or "borrow" (borrow host memory first)."""
+    "fcfs" or "slo"; preemption "recompute" or "borrow" (borrow host memory first). activation_profile:
+    another engine's .profile for the same model, max_model_len and max_num_batched_tokens, to skip
+    the start-up measurement."""
 
     def __init__(self, model, tokenizer=None, mode="elastic", budget_bytes=None, host_budget_bytes=0, *,
                  policy="fcfs", preemption="recompute", block_size=16, max_num_seqs=64,
-                 max_num_batched_tokens=512, max_model_len=None, chunked_prefill=True, chunk_bytes=256 << 10):
+                 max_num_batched_tokens=512, max_model_len=None, chunked_prefill=True, chunk_bytes=256 << 10,
+                 activation_profile=None):
         if isinstance(model, str):
             from transformers import AutoModelForCausalLM, AutoTokenizer
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
@@ -53,7 +56,7 @@ class LLM:
         backend = "cuda" if device.type == "cuda" else "host"
         self.pool = Pool(backend, device=device.index or 0, budget_bytes=budget_bytes,
                          host_budget_bytes=host_budget_bytes, chunk_bytes=chunk_bytes)
-        self.profile = self._profile(runner, backend, block_size, max_num_batched_tokens)
+        self.profile = activation_profile or self._profile(runner, backend, block_size, max_num_batched_tokens)
         block_bytes = runner.num_layers * 2 * block_size * runner.num_kv_heads * runner.head_dim * runner.dtype.itemsize
         max_blocks = (self.pool.budget_bytes + self.pool.host_budget_bytes) // block_bytes + 1
         self.kv_cache = KVCache(self.pool, runner.num_layers, runner.num_kv_heads, runner.head_dim, block_size,
@@ -154,6 +157,7 @@ class LLM:
         self.memory.begin_step(self.blocks.high_water, num_tokens)
         model_start = time.perf_counter()
         logits = self.runner.run(chunks, self.kv_cache)
+        stats, kv_bytes = self.pool.stats(), self.kv_cache.device_bytes  # memory while the step held it
         outputs, decode_tokens = [], 0
         now = time.perf_counter()
         for (seq, n), row in zip(chunks, logits):
@@ -167,12 +171,11 @@ class LLM:
         self.memory.end_step(self.blocks.high_water)
         decoding = [seq for seq, n in chunks if n == 1 and seq.status is Status.RUNNING]
         self.scheduler.policy.observe(model_end - start, decoding, self.scheduler.waiting, model_end)
-        stats = self.pool.stats()
         end = time.perf_counter()
         self.metrics.record_step(
             start=start, end=end, model_seconds=model_end - model_start,
             overhead_seconds=(model_start - start) + (end - model_end), batch=len(chunks), tokens=num_tokens,
-            decode_tokens=decode_tokens, kv_bytes=self.kv_cache.device_bytes,
+            decode_tokens=decode_tokens, kv_bytes=kv_bytes,
             activation_bytes=stats["bytes_by_tag"]["activations"]["device_bytes"],
             device_bytes=stats["mapped_device_bytes"], borrowed_bytes=stats["borrowed_bytes"])
         return outputs

@@ -65,7 +65,7 @@ class ActivationProfile:
         self.tokens, self.nbytes = list(tokens), list(nbytes)
 
     @classmethod
-    def measure(cls, runner, kv_cache, max_batched_tokens, points=4):
+    def measure(cls, runner, kv_cache, max_batched_tokens, points=2):
         """kv_cache: a scratch cache with room for ceil(max_batched_tokens / max_model_len) full contexts."""
         from .sequence import Sequence
         from .sampling_params import SamplingParams

@@ -88,8 +88,17 @@ class Scheduler:
             return 0
         return self.policy.host_allowance(self.memory.pool.host_budget_bytes)
 
+    def _take(self, seq, n, tokens):
+        """Give seq blocks for n more tokens, or for a smaller prefill chunk (halving: fewer tokens need
+        fewer activation bytes) if n does not fit in the step (now `tokens` tokens). Returns the tokens
+        taken, 0 if none fit."""
+        while not self._try_take(seq, n, tokens):
+            if not self.chunked_prefill or n <= self.blocks.block_size or is_decode(seq, n):
+                return 0
+            n //= 2
+        return n
+
     def _try_take(self, seq, n, tokens):
-        """Give seq blocks for n more tokens if the step (now `tokens` tokens) still fits with them."""
         extra = self.blocks.blocks_for(seq.num_computed + n) - len(seq.block_table)
         high_water = self.blocks.high_water_after(extra)
         if high_water is None or not self.memory.fits(high_water, tokens + n, self._allowance()):
@@ -122,11 +131,12 @@ class Scheduler:
             n = self._chunk(seq, tokens, prefill_tokens)
             if n == 0:
                 continue
-            while not self._try_take(seq, n, tokens):
+            while not (taken := self._take(seq, n, tokens)):
                 self._preempt(self.running[-1])
                 if seq.status is not Status.RUNNING:
                     break
             else:
+                n = taken
                 chunks.append((seq, n))
                 tokens += n
                 prefill_tokens += 0 if is_decode(seq, n) else n
@@ -134,7 +144,8 @@ class Scheduler:
             if len(self.running) >= self.max_num_seqs:
                 break
             n = self._chunk(seq, tokens, prefill_tokens)
-            if n == 0 or not self._try_take(seq, n, tokens):
+            n = n and self._take(seq, n, tokens)
+            if n == 0:
                 break
             self.waiting.remove(seq)
             seq.status = Status.RUNNING

@@ -1,0 +1,174 @@
+"""The paged-KV engine: outputs match Hugging Face generate, memory comes back, bad requests are refused."""
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from torch_ellm.integrations.engine.llm import LLM
+from torch_ellm.integrations.engine.sampling_params import SamplingParams
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a short poem about the sea. The waves",
+    "Q: What is two plus two?\nA:",
+    "In the beginning of the twentieth century, the small town by the river had grown into a busy "
+    "market where farmers from the valley brought grain, cattle and wool every Saturday morning, and",
+    "def fibonacci(n):",
+    "Once upon a time",
+]
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
+MB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2):
+    """HF greedy continuations, one prompt at a time (no padding)."""
+    model, tok = smollm2
+    outs = []
+    for p in PROMPTS:
+        ids = tok(p, return_tensors="pt")["input_ids"]
+        out = model.generate(ids, max_new_tokens=GREEDY.max_tokens, do_sample=False)
+        outs.append(out[0, ids.shape[1]:].tolist())
+    return outs
+
+
+PROFILES = {}  # model id -> activation profile: measured once, reused by every engine on the model
+
+
+def smollm2_engine(smollm2, **kwargs):
+    return make_engine(*smollm2, **dict(dict(max_model_len=256, max_num_batched_tokens=32, block_size=16,
+                                             chunk_bytes=64 << 10), **kwargs))
+
+
+def make_engine(model, tokenizer=None, **kwargs):
+    llm = LLM(model, tokenizer, activation_profile=PROFILES.get(id(model)), **kwargs)
+    PROFILES[id(model)] = llm.profile
+    return llm
+
+
+def assert_pool_empty(llm):
+    """Nothing but the static reserve left: no block in use, KV mapped only as the mode keeps it."""
+    assert llm.blocks.num_used == 0
+    assert llm.pool.borrowed_bytes == 0
+    if llm.memory.mode == "elastic":
+        assert llm.pool.stats()["mapped_device_bytes"] == 0
+    llm.close()
+    assert llm.pool.stats()["mapped_device_bytes"] == 0
+
+
+@pytest.mark.parametrize("mode", ["static", "elastic"])
+def test_greedy_matches_hf_with_chunked_prefill(smollm2, reference, mode):
+    llm = smollm2_engine(smollm2, mode=mode, budget_bytes=64 * MB)
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in outs] == reference
+    assert outs[0].text == smollm2[1].decode(reference[0], skip_special_tokens=True)
+    assert max(s["tokens"] for s in llm.metrics.steps) == 32  # the long prompt ran in chunks
+    assert_pool_empty(llm)
+
+
+@pytest.mark.parametrize("preemption", ["recompute", "borrow"])
+def test_greedy_matches_hf_across_preemption(smollm2, reference, preemption):
+    # The batch's KV peaks near 8 MiB: 6 MiB forces preemption or borrowing.
+    llm = smollm2_engine(smollm2, mode="elastic", budget_bytes=6 * MB, preemption=preemption,
+                         host_budget_bytes=32 * MB if preemption == "borrow" else 0)
+    outs = llm.generate(PROMPTS[:4], GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in outs] == reference[:4]
+    summary = llm.metrics.summary()
+    if preemption == "recompute":
+        assert summary["preemptions"] > 0
+    else:
+        assert summary["peak_borrowed_bytes"] > 0
+    assert_pool_empty(llm)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_engine(model, **kwargs):
+    args = dict(budget_bytes=2 * MB, chunk_bytes=16 << 10, block_size=4, max_num_batched_tokens=32)
+    return make_engine(model, **{**args, **kwargs})
+
+
+def test_thousand_random_requests_leak_nothing(tiny_model):
+    rng = random.Random(0)
+    llm = tiny_engine(tiny_model, mode="elastic", budget_bytes=1 * MB, max_num_seqs=16)
+    done = 0
+    for _ in range(1000):
+        prompt = [rng.randrange(128) for _ in range(rng.randint(1, 20))]
+        params = SamplingParams(temperature=rng.choice([0, 0.8]), top_k=rng.choice([0, 5]), top_p=rng.choice([1, .9]),
+                                max_tokens=rng.randint(1, 6), seed=rng.randrange(100))
+        request_id = llm.add_request(prompt, params)
+        if rng.random() < 0.1:
+            llm.abort(request_id)
+        if rng.random() < 0.3:
+            done += sum(o.finished for o in llm.step())
+    while llm.has_unfinished_requests():
+        done += sum(o.finished for o in llm.step())
+    assert done == len(llm.metrics.requests) and done > 800
+    assert_pool_empty(llm)
+
+
+def test_seeded_sampling_repeats(tiny_model):
+    llm = tiny_engine(tiny_model)
+    params = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, max_tokens=8, seed=7, ignore_eos=True)
+    first, second = llm.generate([[1, 2, 3], [1, 2, 3]], params, use_tqdm=False)
+    assert first.token_ids == second.token_ids and len(first.token_ids) == 8
+    llm.close()
+
+
+@pytest.mark.parametrize("bad", [
+    dict(prompt=[]),
+    dict(prompt=list(range(100)), params=SamplingParams(max_tokens=50)),  # longer than max_model_len 128
+    dict(prompt=[1000]),  # outside the vocabulary
+    dict(prompt="text", params=None),  # no tokenizer
+])
+def test_bad_requests_are_refused_and_serving_goes_on(tiny_model, bad):
+    llm = tiny_engine(tiny_model)
+    good = llm.add_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    with pytest.raises(ValueError):
+        llm.add_request(bad["prompt"], bad.get("params"))
+    with pytest.raises(ValueError, match="no unfinished request"):
+        llm.abort("nobody")
+    outs = []
+    while llm.has_unfinished_requests():
+        outs += [o for o in llm.step() if o.finished]
+    assert [o.request_id for o in outs] == [good] and len(outs[0].token_ids) == 4
+    assert_pool_empty(llm)
+
+
+def test_request_larger_than_budget_is_refused(tiny_model):
+    llm = tiny_engine(tiny_model, mode="static", budget_bytes=160 << 10)  # KV: one 16 KiB chunk a layer
+    limit = llm.memory.max_blocks_alone() * llm.blocks.block_size
+    with pytest.raises(ValueError, match="KV blocks"):
+        llm.add_request([1] * (limit + 1 - 4), SamplingParams(max_tokens=4))
+    assert llm.generate([[1] * 10], SamplingParams(max_tokens=3), use_tqdm=False)[0].finished
+    llm.close()
+
+
+@pytest.mark.parametrize("values", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
+                                    dict(max_tokens=0), dict(seed="x")])
+def test_invalid_sampling_values(values):
+    with pytest.raises(ValueError):
+        SamplingParams(**values)
+
+
+def test_static_mode_fixes_kv_pool_and_elastic_follows_the_batch(tiny_model):
+    prompts = [[i + 1] * 30 for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    results = {}
+    for mode in ("static", "elastic"):
+        llm = tiny_engine(tiny_model, mode=mode)
+        results[mode] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        kv = [s["kv_bytes"] for s in llm.metrics.steps]
+        if mode == "static":
+            assert len(set(kv)) == 1  # fixed at start-up
+        else:
+            assert min(kv) < max(kv) and llm.kv_cache.num_blocks == 0  # grew and shrank back
+        llm.close()
+    assert results["static"] == results["elastic"]
