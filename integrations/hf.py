@@ -177,11 +177,6 @@ class ElasticLayer(CacheLayerMixin):
     def reset(self):
         self.release()
 
-    def offload(self):
-        raise NotImplementedError("ElasticCache moves cold chunks to host itself (Pool(host_budget_bytes=...))")
-
-    prefetch = offload
-
 
 class ElasticCache(Cache):
     """A transformers Cache on virtual tensors: memory follows the live tokens, appends are in place.
@@ -221,8 +216,8 @@ class ElasticCache(Cache):
         pool = self.pools[device]
         if device not in self.consumers:
             me = weakref.ref(self)  # the pool must not keep a forgotten cache alive
-            self.consumers[device] = pool._pool.add_consumer(
-                f"ElasticCache@{id(self):x}", 0, lambda want: me()._shrink(device, want) if me() else 0,
+            self.consumers[device] = pool.add_consumer(
+                f"ElasticCache@{id(self):x}", lambda want: me()._shrink(device, want) if me() else 0,
                 lambda: me()._spare_on(device) if me() else 0)
         return pool
 
@@ -262,7 +257,7 @@ class ElasticCache(Cache):
         for layer in self.layers:
             layer.release()
         for device, consumer in self.consumers.items():
-            self.pools[device]._pool.remove_consumer(consumer)
+            self.pools[device].remove_consumer(consumer)
         self.consumers = {}
 
 
