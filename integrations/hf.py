@@ -123,6 +123,9 @@ class ElasticLayer(CacheLayerMixin):
         return self.keys, self.values
 
     def get_mask_sizes(self, query_length):
+        # older transformers (4.5x) pass cache_position, one entry per query token, instead of a count
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
         return self.length + query_length, 0
 
     def get_seq_length(self):
