@@ -21,6 +21,15 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12)
 MB = 1 << 20
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small matmuls on a busy 2-core machine run far faster on one thread (no OpenMP spinning)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def reference(smollm2):
     """HF greedy continuations, one prompt at a time (no padding)."""
