@@ -1,0 +1,359 @@
+"""Elastic memory on the host backend (issue 4): budgets changed at run time, consumers asked to
+shrink, host memory borrowed and returned at the same address, with every byte checked."""
+import threading
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import torch_ellm
+from vt_helpers import (THREADED, KiB, Mirror, check_empty, check_limits, check_totals, create_or_step,
+                        limit_violations, play, run_isolated, thread_rounds)
+
+C = 4 * KiB
+MAX_BUDGET_CHUNKS = 32
+TAG_MIX = ("kv", "kv", "kv", "other", "weights")  # mostly borrowable, some not
+
+
+def elastic_pool(budget_chunks=8, host_budget_chunks=8, chunk=C):
+    return torch_ellm.Pool("host", budget_bytes=budget_chunks * chunk, host_budget_bytes=host_budget_chunks * chunk,
+                           chunk_bytes=chunk)
+
+
+def filled(pool, nbytes, tag="kv", seed=0, max_bytes=None):
+    m = Mirror(pool, max_bytes or nbytes, tag=tag)
+    m.resize(nbytes, torch.Generator().manual_seed(seed))
+    return m
+
+
+def event_kinds(pool):
+    return [e["kind"] for e in pool.events()]
+
+
+# ---------------------------------------------------------------- random set_budget/offload/prefetch/allocate
+
+
+def elastic_step(pool, row, op, gen):
+    """The create/resize/write/release ops plus budget changes, offload, prefetch and return_borrowed.
+    Any of them may fail with OutOfMemoryError; the round check then proves nothing was damaged."""
+    kind, slot, a, b = op
+    m = row[slot]
+    try:
+        if kind == "budget":
+            pool.set_budget(a * MAX_BUDGET_CHUNKS // 1000 * pool.chunk_bytes)
+        elif kind == "return":
+            pool.return_borrowed()
+        elif kind in ("offload", "prefetch") and m is not None:
+            start, end = sorted((a * m.vt.mapped_bytes // 1000, b * m.vt.mapped_bytes // 1000))
+            getattr(m.vt, kind)(start, end)
+        else:
+            create_or_step(pool, row, op, gen, TAG_MIX)
+    except torch_ellm.OutOfMemoryError:
+        pass
+
+
+@THREADED
+@given(rounds=thread_rounds(["resize", "resize", "write", "release", "budget", "offload", "prefetch", "return"], max_rounds=12),
+       chunk=st.sampled_from([4 * KiB, 16 * KiB, 64 * KiB]), budget_chunks=st.integers(2, 24),
+       host_budget_chunks=st.integers(0, 16))
+def test_random_elastic_sequences_keep_bytes_addresses_and_budgets(rounds, chunk, budget_chunks, host_budget_chunks):
+    pool = elastic_pool(budget_chunks, host_budget_chunks, chunk)
+    gens = [torch.Generator().manual_seed(t) for t in range(len(rounds))]
+    play(pool, rounds, lambda t, row, op: elastic_step(pool, row, op, gens[t]))
+
+
+# ---------------------------------------------------------------- borrowing
+
+
+@pytest.mark.parametrize("host_budget_chunks", [0, 8])
+def test_borrowing_lets_an_allocation_succeed(host_budget_chunks):
+    pool = elastic_pool(budget_chunks=8, host_budget_chunks=host_budget_chunks)
+    old = filled(pool, 8 * C)
+    new = Mirror(pool, 16 * C, tag="kv")
+    gen = torch.Generator().manual_seed(1)
+    if host_budget_chunks == 0:
+        with pytest.raises(torch_ellm.OutOfMemoryError):
+            new.resize(4 * C, gen)
+        assert old.vt.host_bytes == 0
+    else:
+        new.resize(4 * C, gen)
+        assert old.vt.host_bytes == pool.borrowed_bytes == 4 * C
+        assert old.vt.chunk_locations() == ["host"] * 4 + ["device"] * 4  # the front (oldest KV) goes first
+        assert "borrow" in event_kinds(pool)
+    for m in (old, new):
+        m.check()
+    check_totals(pool, [old, new])
+
+
+def test_both_budgets_exhausted_raise_oom_and_pool_stays_consistent():
+    pool = elastic_pool(budget_chunks=8, host_budget_chunks=4)
+    old = filled(pool, 8 * C)
+    new = filled(pool, 4 * C, seed=1, max_bytes=16 * C)  # borrows 4 chunks of old: host budget full
+    before = pool.stats()
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        new.vt.resize(6 * C)
+    assert isinstance(err.value, torch_ellm.OutOfMemoryError)
+    assert "Host budget" in str(err.value) and torch_ellm.format_bytes(4 * C) in str(err.value)
+    after = pool.stats()
+    for key in ("device_bytes", "borrowed_bytes", "mapped_device_bytes", "mapped_host_bytes"):
+        assert after[key] == before[key], key
+    assert new.vt.nbytes == 4 * C
+    for m in (old, new):
+        m.check()
+    check_totals(pool, [old, new])
+    old.release()  # room again: the same request now fits
+    new.resize(6 * C, torch.Generator().manual_seed(2))
+    new.check()
+    new.release()
+    check_empty(pool)
+
+
+@pytest.mark.parametrize("tag", ["weights", "activations"])
+def test_weights_and_activations_are_not_borrowed_by_default(tag):
+    pool = elastic_pool(budget_chunks=8, host_budget_chunks=8)
+    assert pool.policy["borrow"] == {"weights": False, "activations": False, "kv": True, "other": False}
+    held = filled(pool, 8 * C, tag=tag)
+    kv = Mirror(pool, 4 * C, tag="kv")
+    gen = torch.Generator().manual_seed(3)
+    with pytest.raises(torch_ellm.OutOfMemoryError):
+        kv.resize(C, gen)
+    assert held.vt.host_bytes == pool.borrowed_bytes == 0
+    pool.set_policy(borrow={tag: True})  # the owner may allow it
+    kv.resize(C, gen)
+    assert held.vt.host_bytes == C
+    for m in (held, kv):
+        m.check()
+
+
+def test_offload_and_prefetch_keep_address_and_bytes():
+    pool = elastic_pool(budget_chunks=8, host_budget_chunks=2)
+    m = filled(pool, 4 * C - 7)
+    assert m.vt.offload(C + 1, C + 2) == C  # whole chunks: the one holding the range
+    assert m.vt.chunk_locations() == ["device", "host", "device", "device"]
+    m.check()
+    with pytest.raises(torch_ellm.OutOfMemoryError):
+        m.vt.offload(0, 4 * C)  # 3 more chunks do not fit a 2-chunk host budget
+    assert m.vt.chunk_locations() == ["device", "host", "device", "device"]
+    assert m.vt.offload(2 * C, 3 * C) == C
+    assert pool.borrowed_bytes == m.vt.host_bytes == 2 * C
+    check_totals(pool, [m])
+    assert m.vt.prefetch() == 2 * C
+    assert m.vt.host_bytes == pool.borrowed_bytes == 0
+    m.check()
+    m.release()
+    check_empty(pool)
+
+
+# ---------------------------------------------------------------- consumers
+
+
+class ShrinkingConsumer:
+    """Owns a virtual tensor (tag other: never borrowed) and gives up to `spare` bytes of it back."""
+
+    def __init__(self, pool, nbytes, spare):
+        self.pool, self.spare = pool, spare
+        self.mirror = filled(pool, nbytes, tag="other", seed=9)
+        self.asked = []  # (bytes wanted, bytes borrowed so far) per call
+
+    def shrink(self, want):
+        self.asked.append((want, self.pool.borrowed_bytes))
+        give = min(want, self.spare)
+        self.mirror.resize(self.mirror.nbytes - give, None)
+        self.spare -= give
+        return give
+
+    def register(self):
+        return self.pool.add_consumer("test", self.shrink, releasable=lambda: self.spare)
+
+
+@pytest.mark.parametrize("spare_chunks", [2, 4])
+def test_consumer_is_asked_before_borrowing(spare_chunks):
+    pool = elastic_pool(budget_chunks=8, host_budget_chunks=8)
+    kv = filled(pool, 4 * C)
+    consumer = ShrinkingConsumer(pool, 4 * C, spare_chunks * C)
+    consumer.register()
+    new = filled(pool, 4 * C, seed=5)  # 4 chunks short
+    assert consumer.asked and consumer.asked[0][0] >= 4 * C
+    assert consumer.asked[0][1] == 0, "host memory was borrowed before the consumer was asked"
+    borrowed = (4 - spare_chunks) * C
+    assert kv.vt.host_bytes == pool.borrowed_bytes == borrowed
+    kinds = event_kinds(pool)
+    assert "deflate" in kinds
+    if borrowed:
+        assert kinds.index("deflate") < kinds.index("borrow")
+    else:
+        assert "borrow" not in kinds
+    for m in (kv, new, consumer.mirror):
+        m.check()
+    check_totals(pool, [kv, new, consumer.mirror])
+
+
+def test_removed_consumer_is_not_asked():
+    pool = elastic_pool(budget_chunks=4, host_budget_chunks=0)
+    consumer = ShrinkingConsumer(pool, 4 * C, 4 * C)
+    pool.remove_consumer(consumer.register())
+    with pytest.raises(torch_ellm.OutOfMemoryError):
+        filled(pool, C)
+    assert consumer.asked == []
+
+
+# ---------------------------------------------------------------- runtime budget
+
+
+def test_set_budget_below_live_set_raises_with_budget_unchanged():
+    pool = elastic_pool(budget_chunks=8, host_budget_chunks=8)
+    pinned_down = filled(pool, 6 * C, tag="other")  # not borrowable
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        pool.set_budget(4 * C)
+    assert isinstance(err.value, torch_ellm.OutOfMemoryError)
+    assert pool.budget_bytes == pool.stats()["budget_bytes"] == 8 * C
+    pinned_down.check()
+    pool.set_budget(6 * C)  # exactly the live set is fine
+    assert pool.budget_bytes == 6 * C
+    check_totals(pool, [pinned_down])
+
+
+def test_lowering_budget_borrows_and_raising_it_returns():
+    pool = elastic_pool(budget_chunks=8, host_budget_chunks=8)
+    kv = filled(pool, 6 * C)
+    pool.set_budget(2 * C)
+    s = pool.stats()
+    assert s["device_bytes"] <= 2 * C and s["device_physical_bytes"] <= 2 * C
+    assert kv.vt.host_bytes == s["borrowed_bytes"] == 4 * C
+    kv.check()
+    pool.set_budget(8 * C)
+    assert pool.return_borrowed() == 4 * C
+    assert kv.vt.host_bytes == pool.borrowed_bytes == 0
+    kv.check()
+    kinds = set(event_kinds(pool))
+    assert {"alloc", "borrow", "return", "budget"} <= kinds
+    kv.release()
+    check_empty(pool)
+
+
+def test_pinned_tensor_is_not_borrowed():
+    pool = elastic_pool(budget_chunks=4, host_budget_chunks=4)
+    kv = filled(pool, 4 * C)
+    with kv.vt.pinned():
+        with pytest.raises(torch_ellm.OutOfMemoryError):
+            pool.set_budget(2 * C)
+        assert kv.vt.host_bytes == 0
+    pool.set_budget(2 * C)  # unpinned: now it may go
+    assert kv.vt.host_bytes == 2 * C
+    kv.check()
+
+
+# ---------------------------------------------------------------- events
+
+
+def test_event_log_records_each_kind():
+    pool = elastic_pool(budget_chunks=8, host_budget_chunks=8)
+    kv = filled(pool, 4 * C)
+    consumer = ShrinkingConsumer(pool, 4 * C, 2 * C)
+    consumer.register()
+    new = filled(pool, 4 * C, seed=1)  # deflate 2 chunks, borrow 2
+    new.release()
+    pool.return_borrowed()
+    events = pool.events()
+    kinds = [e["kind"] for e in events]
+    assert {"alloc", "free", "deflate", "borrow", "return"} <= set(kinds), kinds
+    for e in events:
+        assert set(e) >= {"t", "kind", "bytes", "seconds", "device_bytes", "host_bytes", "tag_bytes"}
+        assert e["device_bytes"] <= pool.budget_bytes and e["host_bytes"] <= pool.host_budget_bytes
+    assert [e["t"] for e in events] == sorted(e["t"] for e in events)
+    assert events[kinds.index("borrow")]["bytes"] == 2 * C
+    assert events[kinds.index("deflate")]["bytes"] == 2 * C
+    pool._pool.set_event_capacity(3)
+    assert len(pool.events()) == 3
+
+
+# ---------------------------------------------------------------- known failures
+
+
+def test_repro_set_budget_race_lets_device_bytes_pass_budget():
+    """Known failure, rarely hit (a stress loop here saw it tens of times in 10 s of a monitor
+    polling stats, but this bounded version usually passes): Pool::set_budget
+    (csrc/pool.cpp:311-339) checks the live set under the lock, drops the lock, and takes it again
+    to store the new budget; an allocation landing in between (under the old, higher budget) leaves
+    device_bytes above the budget just set. Checking and storing under one lock hold fixes it."""
+    low, high = 8, 64
+    pool = elastic_pool(budget_chunks=high, host_budget_chunks=0)
+    tensors = [pool.virtual_tensor(32 * C) for _ in range(3)]
+    over, done = [], threading.Event()
+
+    def set_budgets():
+        for _ in range(40000):
+            try:
+                pool.set_budget(low * C)
+            except torch_ellm.OutOfMemoryError:
+                continue
+            # Only this thread changes the budget: right after setting it, the live set must fit.
+            over.extend(limit_violations(pool.stats()))
+            pool.set_budget(high * C)
+            if over:
+                break
+        done.set()
+
+    def resize(vt):
+        while not done.is_set():
+            for chunks in (2, 6):
+                try:
+                    vt.resize(chunks * C)
+                except torch_ellm.OutOfMemoryError:
+                    pass
+
+    threads = [threading.Thread(target=set_budgets)] + [threading.Thread(target=resize, args=(vt,)) for vt in tensors]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not over, over
+
+
+def test_repro_return_borrowed_moves_pinned_tensor():
+    """Known failure: VirtualTensor::give_back (csrc/virtual_tensor.cpp:205-218) ignores pins_,
+    unlike borrow_from, so Pool::return_borrowed migrates a tensor while its owner writes through a
+    view inside pinned(); writes landing between the copy and the remap are lost (seen as a changed
+    byte in test_random_elastic_sequences...)."""
+    pool = elastic_pool(budget_chunks=8, host_budget_chunks=8)
+    kv = filled(pool, 4 * C)
+    kv.vt.offload()
+    with kv.vt.pinned():
+        pool.return_borrowed()
+        assert kv.vt.host_bytes == 4 * C, "a pinned tensor was moved"
+    assert pool.return_borrowed() == 4 * C  # unpinned: now it may come back
+    kv.check()
+
+
+READ_DURING_MOVE = """
+import threading, torch, torch_ellm
+pool = torch_ellm.Pool("host", budget_bytes=1 << 20, host_budget_bytes=1 << 20, chunk_bytes=4096)
+vt = pool.virtual_tensor(1 << 16, tag="kv")
+vt.resize(1 << 16)
+view = vt.as_tensor(1 << 16, torch.uint8)
+view.fill_(7)
+done = threading.Event()
+sums = []
+def read():
+    while not done.is_set():
+        sums.append(int(view.sum()))
+reader = threading.Thread(target=read)
+reader.start()
+for _ in range(2000):
+    vt.offload()
+    vt.prefetch()
+done.set()
+reader.join()
+print("reads", len(sums), "all correct", set(sums) == {7 << 16})
+"""
+
+
+def test_repro_reader_survives_offload_of_unpinned_tensor():
+    """Known failure (SIGSEGV): HostBackend::remap (csrc/host_backend.cpp:127-130) maps the new chunk
+    with PROT_NONE (map(), line 122) and only then mprotects it, so a thread reading the same
+    address during an offload/prefetch/borrow faults. backend.h's remap comment promises an atomic
+    MAP_FIXED replacement; mapping with PROT_READ|PROT_WRITE in one mmap would give it."""
+    proc = run_isolated(READ_DURING_MOVE)
+    assert proc.returncode == 0, f"interpreter died (rc {proc.returncode}): {proc.stderr[-2000:]}"
+    assert "all correct True" in proc.stdout, proc.stdout
