@@ -32,12 +32,13 @@ void delete_view(dlpack::ManagedTensor* m) {
 
 py::capsule make_view(const std::shared_ptr<VirtualTensor>& vt, size_t offset, std::vector<int64_t> shape,
                       uint8_t code, uint8_t bits, int device_type, int device_id) {
-  size_t count = 1;
+  size_t end = bits / 8;
   for (int64_t d : shape) {
     if (d < 0) throw InvalidArgument("negative dimension in shape");
-    count *= static_cast<size_t>(d);
+    if (__builtin_mul_overflow(end, static_cast<size_t>(d), &end))
+      throw InvalidArgument("view shape is larger than the address space");
   }
-  size_t end = offset + count * (bits / 8);
+  if (__builtin_add_overflow(end, offset, &end)) throw InvalidArgument("view offset is past the address space");
   {
     py::gil_scoped_release nogil;
     vt->add_view(end);

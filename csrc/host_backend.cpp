@@ -15,6 +15,10 @@
 
 #include "backend.h"
 
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23  // Linux 5.14; older kernels answer EINVAL
+#endif
+
 namespace ellm {
 namespace {
 
@@ -118,19 +122,20 @@ class HostBackend final : public Backend {
 
   void map(uintptr_t addr, size_t bytes, Handle h) override {
     // Mapped without access, like cuMemMap; set_access opens it.
-    auto where = static_cast<Location>(h & 1);
-    void* p = mmap(reinterpret_cast<void*>(addr), bytes, PROT_NONE, MAP_SHARED | MAP_FIXED,
-                   file(where).fd(), static_cast<off_t>(h >> 1));
-    if (p == MAP_FAILED) fail("mmap(MAP_FIXED chunk)", errno);
+    map_chunk(addr, bytes, h, PROT_NONE, 0);
   }
 
+  // One mmap replaces the old mapping atomically, already readable and
+  // writable: a thread touching the range never sees it unmapped.
   void remap(uintptr_t addr, size_t bytes, Handle h) override {
-    map(addr, bytes, h);
-    set_access(addr, bytes);
+    map_chunk(addr, bytes, h, PROT_READ | PROT_WRITE, MAP_POPULATE);
   }
 
   void set_access(uintptr_t addr, size_t bytes) override {
     if (mprotect(reinterpret_cast<void*>(addr), bytes, PROT_READ | PROT_WRITE) != 0) fail("mprotect", errno);
+    // Fault the page tables in now (the pages exist already): copies into a
+    // fresh mapping then run at memcpy speed. Older kernels lack it; harmless.
+    madvise(reinterpret_cast<void*>(addr), bytes, MADV_POPULATE_WRITE);
   }
 
   void unmap(uintptr_t addr, size_t bytes) override {
@@ -147,6 +152,13 @@ class HostBackend final : public Backend {
 
  private:
   ChunkFile& file(Location where) { return files_[static_cast<int>(where)]; }
+
+  void map_chunk(uintptr_t addr, size_t bytes, Handle h, int prot, int flags) {
+    auto where = static_cast<Location>(h & 1);
+    void* p = mmap(reinterpret_cast<void*>(addr), bytes, prot, MAP_SHARED | MAP_FIXED | flags, file(where).fd(),
+                   static_cast<off_t>(h >> 1));
+    if (p == MAP_FAILED) fail("mmap(MAP_FIXED chunk)", errno);
+  }
 
   size_t granularity_;
   ChunkFile files_[2];

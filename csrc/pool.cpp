@@ -51,7 +51,7 @@ double Pool::now() const {
 }
 
 size_t Pool::limit_locked(Location where) const {
-  return (where == Location::Device ? budget_ : host_budget_) / chunk_bytes_;
+  return (where == Location::Device ? std::min(budget_, lowering_to_) : host_budget_) / chunk_bytes_;
 }
 
 void Pool::log_locked(const char* kind, size_t bytes, double seconds) {
@@ -309,33 +309,40 @@ size_t Pool::return_borrowed() {
 }
 
 void Pool::set_budget(size_t bytes) {
+  std::lock_guard<std::mutex> one_at_a_time(budget_mu_);
   auto t0 = now();
-  size_t excess = 0;
+  size_t excess;
   {
     std::lock_guard<std::mutex> lock(mu_);
+    // New allocations see the lower limit at once, while the budget users read
+    // stays the old one until the live set really fits under the new.
+    lowering_to_ = bytes;
     size_t live = tier(Location::Device).live * chunk_bytes_;
     excess = live > bytes ? live - bytes : 0;
   }
   if (excess > 0) {
-    deflate(excess);
-    std::lock_guard<std::mutex> lock(mu_);
-    size_t live = tier(Location::Device).live * chunk_bytes_;
-    if (live > bytes) {
-      counters_["num_ooms"] += 1;
-      log_locked("oom", live - bytes, now() - t0);
-      throw OutOfMemory("torch_ellm: cannot lower the device budget to " + format_bytes(bytes) + ": " +
-                        format_bytes(live) + " is still in use after deflating and borrowing (host budget " +
-                        format_bytes(host_budget_) + ", " +
-                        format_bytes(tier(Location::Host).live * chunk_bytes_) + " borrowed). Budget left at " +
-                        format_bytes(budget_) + ".");
+    try {
+      deflate(excess);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mu_);
+      lowering_to_ = SIZE_MAX;
+      throw;
     }
   }
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    budget_ = bytes;
-    release_excess_locked();
-    log_locked("budget", bytes, now() - t0);
+  std::lock_guard<std::mutex> lock(mu_);
+  lowering_to_ = SIZE_MAX;
+  size_t live = tier(Location::Device).live * chunk_bytes_;
+  if (live > bytes) {
+    counters_["num_ooms"] += 1;
+    log_locked("oom", live - bytes, now() - t0);
+    throw OutOfMemory("torch_ellm: cannot lower the device budget to " + format_bytes(bytes) + ": " +
+                      format_bytes(live) + " is still in use after deflating and borrowing (host budget " +
+                      format_bytes(host_budget_) + ", " + format_bytes(tier(Location::Host).live * chunk_bytes_) +
+                      " borrowed). Budget left at " + format_bytes(budget_) + ".");
   }
+  budget_ = bytes;
+  release_excess_locked();
+  log_locked("budget", bytes, now() - t0);
 }
 
 void Pool::set_host_budget(size_t bytes) {

@@ -3,6 +3,7 @@
 // the event log, and the order in which it frees memory under pressure.
 #pragma once
 #include <atomic>
+#include <cstdint>
 #include <chrono>
 #include <deque>
 #include <functional>
@@ -135,6 +136,8 @@ class Pool : public std::enable_shared_from_this<Pool> {
   const size_t chunk_bytes_;
   mutable std::mutex mu_;
   size_t budget_, host_budget_;
+  size_t lowering_to_ = SIZE_MAX;  // a set_budget() in progress: the limit new allocations see
+  std::mutex budget_mu_;           // one set_budget() at a time
   Tier tiers_[2];
   size_t reserved_bytes_ = 0;
   Policy policy_;

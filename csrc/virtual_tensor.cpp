@@ -204,7 +204,7 @@ size_t VirtualTensor::borrow_from(size_t want) {
 
 size_t VirtualTensor::give_back() {
   std::unique_lock<OwnedMutex> lock(mu_, std::try_to_lock);
-  if (!lock.owns_lock() || released_) return 0;
+  if (!lock.owns_lock() || released_ || pins_ > 0) return 0;
   size_t room = pool_->free_chunks(Location::Device);
   size_t last = 0, picked = 0;
   while (last < chunks_.size() && picked < room)

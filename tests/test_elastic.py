@@ -268,15 +268,13 @@ def test_event_log_records_each_kind():
     assert len(pool.events()) == 3
 
 
-# ---------------------------------------------------------------- known failures
+# ---------------------------------------------------------------- regressions (each once a bug)
 
 
-def test_repro_set_budget_race_lets_device_bytes_pass_budget():
-    """Known failure, rarely hit (a stress loop here saw it tens of times in 10 s of a monitor
-    polling stats, but this bounded version usually passes): Pool::set_budget
-    (csrc/pool.cpp:311-339) checks the live set under the lock, drops the lock, and takes it again
-    to store the new budget; an allocation landing in between (under the old, higher budget) leaves
-    device_bytes above the budget just set. Checking and storing under one lock hold fixes it."""
+def test_set_budget_racing_allocations_never_pass_budget():
+    """set_budget used to check the live set, drop the lock and store the new budget later, so an
+    allocation in between could leave device_bytes above it. Now the lower limit applies to new
+    allocations from the start. The race was rare: this bounded loop guards, it seldom reproduced."""
     low, high = 8, 64
     pool = elastic_pool(budget_chunks=high, host_budget_chunks=0)
     tensors = [pool.virtual_tensor(32 * C) for _ in range(3)]
@@ -311,11 +309,9 @@ def test_repro_set_budget_race_lets_device_bytes_pass_budget():
     assert not over, over
 
 
-def test_repro_return_borrowed_moves_pinned_tensor():
-    """Known failure: VirtualTensor::give_back (csrc/virtual_tensor.cpp:205-218) ignores pins_,
-    unlike borrow_from, so Pool::return_borrowed migrates a tensor while its owner writes through a
-    view inside pinned(); writes landing between the copy and the remap are lost (seen as a changed
-    byte in test_random_elastic_sequences...)."""
+def test_return_borrowed_leaves_pinned_tensor_alone():
+    """return_borrowed used to move pinned tensors back (give_back ignored pins), losing writes made
+    through a view between the copy and the remap."""
     pool = elastic_pool(budget_chunks=8, host_budget_chunks=8)
     kv = filled(pool, 4 * C)
     kv.vt.offload()
@@ -349,11 +345,9 @@ print("reads", len(sums), "all correct", set(sums) == {7 << 16})
 """
 
 
-def test_repro_reader_survives_offload_of_unpinned_tensor():
-    """Known failure (SIGSEGV): HostBackend::remap (csrc/host_backend.cpp:127-130) maps the new chunk
-    with PROT_NONE (map(), line 122) and only then mprotects it, so a thread reading the same
-    address during an offload/prefetch/borrow faults. backend.h's remap comment promises an atomic
-    MAP_FIXED replacement; mapping with PROT_READ|PROT_WRITE in one mmap would give it."""
+def test_reader_survives_offload_of_unpinned_tensor():
+    """HostBackend::remap used to map the new chunk without access and mprotect it after, so a
+    reader of the same address during a move faulted (SIGSEGV). Now one mmap replaces it, read-write."""
     proc = run_isolated(READ_DURING_MOVE)
     assert proc.returncode == 0, f"interpreter died (rc {proc.returncode}): {proc.stderr[-2000:]}"
     assert "all correct True" in proc.stdout, proc.stdout

@@ -257,10 +257,9 @@ print("released")
 
 @pytest.mark.parametrize("shape, offset", [([8], (1 << 64) - 8), ([1 << 32, 1 << 32], 0)],
                          ids=["offset wraps", "shape product wraps"])
-def test_repro_view_size_overflow_is_rejected(shape, offset):
-    """Known failure (crashes the interpreter): csrc/bindings.cpp:38-40 (make_view) computes
-    count *= d and end = offset + count * itemsize in size_t without overflow checks, so a wrapped
-    `end` passes VirtualTensor::add_view and torch gets a view outside the mapped range."""
+def test_view_size_overflow_is_rejected(shape, offset):
+    """A view whose size or offset wraps around 64 bits used to reach torch (a view outside the
+    mapped range, or a crash); now it is a ValueError before anything is made."""
     proc = run_isolated(VIEW_OVERFLOW.format(shape=shape, offset=offset))
     assert proc.returncode == 0, f"interpreter died (rc {proc.returncode}): {proc.stdout}{proc.stderr[-2000:]}"
     assert "ValueError" in proc.stdout and "released" in proc.stdout, proc.stdout

@@ -1,11 +1,13 @@
 """Pool and VirtualTensor: the Python face of the C++ core (csrc/pool.h, csrc/virtual_tensor.h)."""
 import contextlib
+import math
 import os
 import warnings
 
 import torch
 
 from . import _C
+from .errors import ReleasedError
 from .sizes import format_bytes, parse_bytes
 
 TAGS = ("weights", "activations", "kv", "other")
@@ -229,6 +231,12 @@ class VirtualTensor:
         if offset % dtype.itemsize:
             raise ValueError(f"offset {offset} is not a multiple of the {dtype} item size {dtype.itemsize}")
         code, bits = _dlpack_dtype(dtype)
+        end = offset + math.prod(shape) * dtype.itemsize
+        if self.released:
+            raise ReleasedError("VirtualTensor used after release()")
+        if end > self.mapped_bytes:
+            raise ValueError(f"a {dtype} view of shape {shape} at offset {offset} ends at byte {end}, past the "
+                             f"{self.mapped_bytes} mapped bytes; resize() first")
         dev_type, dev_id = (1, 0) if self.pool.device.type == "cpu" else (2, self.pool.device.index)
         capsule = self._vt._view(offset, shape, code, bits, dev_type, dev_id)
         return torch.utils.dlpack.from_dlpack(capsule)
