@@ -230,8 +230,8 @@ def test_bad_pool_arguments_raise_value_error(case):
 
 @pytest.mark.parametrize("call", ["virtual_tensor", "resize"])
 def test_sizes_past_64_bits_raise_value_error(call):
-    """Known failure: pybind11 rejects the int with a TypeError ("incompatible function arguments")
-    before the core can say what is wrong; parse_bytes (torch_ellm/sizes.py) lets it through."""
+    """Such sizes used to reach pybind11, which answered TypeError ("incompatible function arguments");
+    parse_bytes now bounds sizes below 2**63."""
     pool = host_pool()
     vt = pool.virtual_tensor(C)
     with pytest.raises(ValueError):
