@@ -185,37 +185,26 @@ void VirtualTensor::unpin() {
   }
 }
 
-size_t VirtualTensor::borrow_from(size_t want) {
+// Pool-initiated moves: never wait on a busy tensor, never move a pinned one,
+// take the front first (the oldest data, a KV prefix), and never deflate.
+size_t VirtualTensor::move_front(size_t count, Location to) {
   std::unique_lock<OwnedMutex> lock(mu_, std::try_to_lock);
   if (!lock.owns_lock() || released_ || pins_ > 0) return 0;
-  size_t room = pool_->free_chunks(Location::Host);
-  size_t n = std::min((want + chunk_ - 1) / chunk_, room);
-  // The front of a tensor is its oldest data (a KV prefix): move that first.
+  count = std::min(count, pool_->free_chunks(to));
   size_t last = 0, picked = 0;
-  while (last < chunks_.size() && picked < n)
-    if (chunks_[last++].where == Location::Device) ++picked;
+  while (last < chunks_.size() && picked < count)
+    if (chunks_[last++].where != to) ++picked;
   if (picked == 0) return 0;
   try {
-    return move_locked(0, last, Location::Host, false);
+    return move_locked(0, last, to, false);
   } catch (const OutOfMemory&) {
-    return 0;  // host budget taken by someone else meanwhile
+    return 0;  // the room was taken by someone else meanwhile
   }
 }
 
-size_t VirtualTensor::give_back() {
-  std::unique_lock<OwnedMutex> lock(mu_, std::try_to_lock);
-  if (!lock.owns_lock() || released_ || pins_ > 0) return 0;
-  size_t room = pool_->free_chunks(Location::Device);
-  size_t last = 0, picked = 0;
-  while (last < chunks_.size() && picked < room)
-    if (chunks_[last++].where == Location::Host) ++picked;
-  if (picked == 0) return 0;
-  try {
-    return move_locked(0, last, Location::Device, false);
-  } catch (const OutOfMemory&) {
-    return 0;
-  }
-}
+size_t VirtualTensor::borrow_from(size_t want) { return move_front((want + chunk_ - 1) / chunk_, Location::Host); }
+
+size_t VirtualTensor::give_back() { return move_front(SIZE_MAX, Location::Device); }
 
 void VirtualTensor::add_view(size_t end) {
   std::lock_guard<OwnedMutex> lock(mu_);

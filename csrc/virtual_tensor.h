@@ -3,6 +3,7 @@
 // moves to host memory and back.
 #pragma once
 #include <atomic>
+#include <cstdint>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -81,6 +82,7 @@ class VirtualTensor : public std::enable_shared_from_this<VirtualTensor> {
   void check_live() const;
   void touch();
   size_t move_locked(size_t first, size_t last, Location to, bool may_deflate);
+  size_t move_front(size_t count, Location to);
   void release_locked();
 
   std::shared_ptr<Pool> pool_;
