@@ -150,30 +150,67 @@ void CachingAllocator::recycle_cached_large_locked(size_t chunks,
   reserved_ -= freed * chunk_;
 }
 
+std::unique_ptr<CachingAllocator::Block> CachingAllocator::take_resizable_locked(size_t chunks, uintptr_t stream,
+                                                                                Tag tag) {
+  auto it_list = large_.find(Key{stream, tag, 0});
+  if (it_list == large_.end()) return nullptr;
+  auto& cached = it_list->second;
+  auto best = cached.end();
+  auto distance = [chunks](size_t n) { return n > chunks ? n - chunks : chunks - n; };
+  for (auto it = cached.begin(); it != cached.end(); ++it)
+    if (it->second->range->max_bytes() >= chunks * chunk_ && (best == cached.end() || distance(it->first) < distance(best->first)))
+      best = it;
+  if (best == cached.end()) return nullptr;
+  std::unique_ptr<Block> b = std::move(best->second);
+  reserved_ -= best->first * chunk_;
+  cached.erase(best);
+  return b;
+}
+
 void* CachingAllocator::allocate_large(size_t size, uintptr_t stream, Tag tag) {
   size_t chunks = (size + chunk_ - 1) / chunk_;
+  std::unique_ptr<Block> b;
+  std::vector<std::shared_ptr<VirtualTensor>> to_release;
   {
     std::lock_guard<std::mutex> lock(mu_);
     process_events_locked();
     if (void* p = take_cached_large(chunks, size, stream, tag)) return p;
-  }
-  // A miss. If the cache holds enough chunks for this request, unmap cached
-  // blocks and map their chunks here rather than grow: reserved memory stays
-  // near what is live. That costs a synchronize, on misses only.
-  std::vector<std::shared_ptr<VirtualTensor>> to_release;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    recycle_cached_large_locked(chunks, to_release);
+    // A miss. Best: a cached block of this stream whose reserved range holds
+    // the request, resized in place (only the difference is mapped or
+    // unmapped). Else, if the cache holds enough chunks, unmap cached blocks
+    // and map their chunks in a new range rather than grow: reserved memory
+    // stays near what is live, for a synchronize on such misses only.
+    b = take_resizable_locked(chunks, stream, tag);
+    if (!b) recycle_cached_large_locked(chunks, to_release);
   }
   for (auto& vt : to_release) vt->release();
-  auto range = std::make_shared<VirtualTensor>(pool_, chunks * chunk_, tag);
-  range->resize(chunks * chunk_);
+  if (b) {
+    try {
+      b->range->resize(chunks * chunk_);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mu_);
+      b->capacity = b->range->mapped_bytes();
+      reserved_ += b->capacity;
+      recycle_locked(std::move(b));
+      throw;
+    }
+  } else {
+    // Reserve address space to the next power of two chunks so that this range
+    // can later serve larger requests in place.
+    size_t reserve = 1;
+    while (reserve < chunks) reserve *= 2;
+    auto range = std::make_shared<VirtualTensor>(pool_, reserve * chunk_, tag);
+    range->resize(chunks * chunk_);
+    b = std::make_unique<Block>(Block{range->data_ptr(), size, 0, stream, tag, nullptr, range, {}, {}});
+    std::lock_guard<std::mutex> lock(mu_);
+    segments_ += 1;
+  }
   std::lock_guard<std::mutex> lock(mu_);
-  reserved_ += chunks * chunk_;
+  b->size = size;
+  b->capacity = chunks * chunk_;
+  reserved_ += b->capacity;
   reserved_peak_ = std::max(reserved_peak_, reserved_);
-  segments_ += 1;
-  uintptr_t ptr = range->data_ptr();
-  auto b = std::make_unique<Block>(Block{ptr, size, chunks * chunk_, stream, tag, nullptr, range, {}, {}});
+  uintptr_t ptr = b->ptr;
   count_alloc_locked(*b, +1);
   live_[ptr] = std::move(b);
   return reinterpret_cast<void*>(ptr);

@@ -72,6 +72,7 @@ class CachingAllocator {
   void* allocate_large(size_t size, uintptr_t stream, Tag tag);
   void* take_cached_large(size_t chunks, size_t size, uintptr_t stream, Tag tag);
   void recycle_locked(std::unique_ptr<Block> b);
+  std::unique_ptr<Block> take_resizable_locked(size_t chunks, uintptr_t stream, Tag tag);
   void recycle_cached_large_locked(size_t chunks, std::vector<std::shared_ptr<VirtualTensor>>& to_release);
   void process_events_locked();
   size_t empty_cache_locked(std::vector<std::shared_ptr<VirtualTensor>>& to_release);

@@ -133,9 +133,6 @@ class HostBackend final : public Backend {
 
   void set_access(uintptr_t addr, size_t bytes) override {
     if (mprotect(reinterpret_cast<void*>(addr), bytes, PROT_READ | PROT_WRITE) != 0) fail("mprotect", errno);
-    // Fault the page tables in now (the pages exist already): copies into a
-    // fresh mapping then run at memcpy speed. Older kernels lack it; harmless.
-    madvise(reinterpret_cast<void*>(addr), bytes, MADV_POPULATE_WRITE);
   }
 
   void unmap(uintptr_t addr, size_t bytes) override {
@@ -145,6 +142,9 @@ class HostBackend final : public Backend {
   }
 
   void copy(uintptr_t dst, uintptr_t src, size_t bytes) override {
+    // Copies go into fresh mappings (a move's staging range): fault the page
+    // tables in at once rather than page by page. Older kernels lack it; harmless.
+    madvise(reinterpret_cast<void*>(dst), bytes, MADV_POPULATE_WRITE);
     std::memcpy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), bytes);
   }
 
