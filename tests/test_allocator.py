@@ -189,6 +189,11 @@ def test_out_of_memory_is_reported_and_recovers():
     assert_all_returned()
 
 
+def assert_counters(retries, reserved):
+    s = stats()
+    assert (s["num_alloc_retries"], s["num_ooms"], s["reserved_bytes.all.current"]) == (retries, 0, reserved)
+
+
 def test_retry_frees_cached_blocks():
     configure("1MiB")  # 16 chunks of 64 KiB
     # Ten size classes, one slab (chunk) each, all freed: cached, still mapped.
@@ -197,24 +202,21 @@ def test_retry_frees_cached_blocks():
     assert stats()["reserved_bytes.all.current"] == 10 * 64 * KiB
     # 512 KiB needs 8 chunks and only 6 are free beside the cached slabs.
     ptr = alloc(512 * KiB)
-    s = stats()
-    assert s["num_alloc_retries"] == 1
-    assert s["num_ooms"] == 0
-    assert s["reserved_bytes.all.current"] == 512 * KiB
+    assert_counters(retries=1, reserved=512 * KiB)
     free(ptr)
     assert_all_returned()
 
 
-def test_large_miss_recycles_cached_chunks_without_retry():
+@pytest.mark.parametrize("stream", [0, 1], ids=["same stream: resized in place", "other stream: chunks recycled"])
+def test_large_miss_reuses_cached_chunks_without_retry(stream):
     configure("4MiB")
-    free(alloc(3 * MiB))  # cached, still mapped
-    assert stats()["reserved_bytes.all.current"] == 3 * MiB
-    # 2 MiB is too small to reuse the 3 MiB block; its chunks are remapped instead of growing.
-    ptr = alloc(2 * MiB)
-    s = stats()
-    assert s["num_alloc_retries"] == 0
-    assert s["num_ooms"] == 0
-    assert s["reserved_bytes.all.current"] == 2 * MiB
+    cached = alloc(3 * MiB)
+    free(cached)  # cached, still mapped, on stream 0
+    # 2 MiB is too small to reuse the 3 MiB block as it is, and does not fit beside it.
+    ptr = alloc(2 * MiB, stream=stream)
+    assert_counters(retries=0, reserved=2 * MiB)
+    if stream == 0:
+        assert ptr == cached  # (a recycled range may get the old address back too, so no check for 1)
     free(ptr)
     assert_all_returned()
 
