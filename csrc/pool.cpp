@@ -34,6 +34,7 @@ Pool::Pool(std::unique_ptr<Backend> backend, size_t chunk_bytes, size_t budget_b
     throw InvalidArgument("chunk_bytes must be a positive multiple of the backend granularity (" +
                           format_bytes(g) + "), got " + std::to_string(chunk_bytes));
   staging_ = backend_->reserve(chunk_bytes_);
+  host_chunks_ = backend_->capabilities().host_chunks;
 }
 
 Pool::~Pool() {
@@ -264,7 +265,8 @@ size_t Pool::borrow(size_t want) {
   std::vector<std::shared_ptr<VirtualTensor>> victims;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (host_budget_ < chunk_bytes_) return 0;
+    // Without host-located chunks (an older driver) there is nothing to borrow into.
+    if (host_budget_ < chunk_bytes_ || !host_chunks_) return 0;
     for (VirtualTensor* vt : tensors_)
       if (policy_.borrow[static_cast<int>(vt->tag())])
         if (auto sp = vt->weak_from_this().lock()) victims.push_back(std::move(sp));

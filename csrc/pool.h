@@ -140,6 +140,7 @@ class Pool : public std::enable_shared_from_this<Pool> {
   std::mutex budget_mu_;           // one set_budget() at a time
   Tier tiers_[2];
   size_t reserved_bytes_ = 0;
+  bool host_chunks_ = false;  // the backend can place chunks in host memory
   Policy policy_;
   std::deque<Event> events_;
   size_t event_capacity_ = 1 << 16;
