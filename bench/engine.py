@@ -34,17 +34,33 @@ def make_model(quick, device):
     return LlamaForCausalLM(config).eval().to(device)
 
 
-def workloads(rng, max_len, n, slo):
-    """(name, [(arrival seconds, prompt length, output length, ttft target, tpot target)])."""
+def workloads(rng, max_len, long_len, n, slo):
+    """(name, max_model_len, [(arrival seconds, prompt length, output length, ttft target, tpot target)])."""
     uniform = [(0.0, rng.randint(16, max_len // 8), rng.randint(16, 64), None, None) for _ in range(n)]
-    long = [(0.0, rng.randint(max_len * 6 // 10, max_len * 9 // 10), rng.randint(4, 16), None, None)
+    long = [(0.0, rng.randint(long_len * 6 // 10, long_len * 9 // 10), rng.randint(4, 16), None, None)
             for _ in range(n)]
     bursty, t = [], 0.0
     for burst in range(n // 8):  # bursts of 8 with quiet gaps between
         t += slo["gap"]
         bursty += [(t + rng.random() * 0.1 * slo["gap"], rng.randint(32, max_len // 3), rng.randint(8, 32),
                     slo["ttft"], slo["tpot"]) for _ in range(8)]
-    return [("uniform", uniform), ("long_prompt", long), ("bursty_slo", bursty)]
+    return [("uniform", max_len, uniform), ("long_prompt", long_len, long), ("bursty_slo", max_len, bursty)]
+
+
+def engine_config(model, max_len):
+    """Engine arguments and budget for one max_model_len, as a stack serving prompts that long is set up:
+    max_num_batched_tokens = max_model_len (a longest prompt prefills in one step, vLLM's default without
+    chunked prefill), so static mode's profiled activation reserve is what vLLM's would be. The budget,
+    the same for every configuration, is that reserve plus KV for 4 full contexts."""
+    engine_args = dict(max_model_len=max_len, max_num_batched_tokens=max_len, block_size=16, max_num_seqs=64)
+    probe = LLM(model, mode="elastic", budget_bytes=1 << 34, **engine_args)
+    profile, reserve = probe.profile, probe.memory.peak_activation_bytes
+    kv_per_token = probe.kv_cache.block_bytes * len(probe.kv_cache.layers) // engine_args["block_size"]
+    probe.close()
+    budget = reserve + 4 * max_len * kv_per_token
+    config = {"engine_args": engine_args, "budget_bytes": budget, "activation_reserve_bytes": reserve,
+              "reserve_share": reserve / budget, "kv_bytes_per_token": kv_per_token}
+    return config, profile
 
 
 def serve(llm, requests, vocab, seed):
@@ -95,34 +111,36 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (small matmuls on a shared 2-core machine run ~10x faster on 1)")
+    parser.add_argument("--only", nargs="*", help="run only these workloads (uniform, long_prompt, bursty_slo); writes no results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     quick = args.quick or args.device == "cpu"
     model = make_model(quick, args.device)
     vocab = model.config.vocab_size
-    max_len, batched, n = (1024, 1024, 24) if quick else (16384, 16384, 64)
-    engine_args = dict(max_model_len=max_len, max_num_batched_tokens=batched, block_size=16, max_num_seqs=64)
-    # One budget for all: the static activation reserve for a full-length prefill plus KV for a few
-    # long prompts, the regime where eLLM reports its gains.
-    probe = LLM(model, mode="elastic", budget_bytes=1 << 34, **engine_args)
-    profile, reserve = probe.profile, probe.memory.peak_activation_bytes
-    kv_per_token = probe.kv_cache.block_bytes * len(probe.kv_cache.layers) // 16
-    probe.close()
-    budget = reserve + 4 * max_len * kv_per_token
+    max_len, long_len, n = (1024, 2048, 24) if quick else (16384, 32768, 64)
+    configs = {length: engine_config(model, length) for length in (max_len, long_len)}
     # SLO targets from a lone request's latency on this machine: loose for one, tight under bursts.
-    calibrate = LLM(model, mode="elastic", budget_bytes=budget, activation_profile=profile, **engine_args)
+    config, profile = configs[max_len]
+    calibrate = LLM(model, mode="elastic", budget_bytes=config["budget_bytes"], activation_profile=profile,
+                    **config["engine_args"])
     lone = serve(calibrate, [(0.0, max_len // 6, 16, None, None)], vocab, args.seed)
     calibrate.close()
     slo = {"ttft": 10 * lone["ttft_p50"], "tpot": 3 * lone["tpot_p50"],
            "gap": 8 * lone["ttft_p50"] + 16 * lone["tpot_p50"]}
-    results = {"device": args.device, "budget_bytes": budget, "activation_reserve_bytes": reserve,
-               "kv_bytes_per_token": kv_per_token, "slo": slo, "engine_args": engine_args, "workloads": {}}
-    for name, requests in workloads(random.Random(args.seed), max_len, n, slo):
-        rows = {}
+    results = {"device": args.device, "slo": slo, "configs": {}, "workloads": {}}
+    for name, length, requests in workloads(random.Random(args.seed), max_len, long_len, n, slo):
+        if args.only and name not in args.only:
+            continue
+        config, profile = configs[length]
+        budget = config["budget_bytes"]
+        print(f"{name}: {config['engine_args']}, budget {budget / 2**20:.1f} MiB, static activation reserve "
+              f"{config['activation_reserve_bytes'] / 2**20:.1f} MiB ({100 * config['reserve_share']:.0f}% of "
+              f"the budget), host budget {budget // 2 / 2**20:.1f} MiB", flush=True)
+        results["configs"][name], rows = config, {}
         for (mode, policy), label in CONFIGS:
             llm = LLM(model, mode=mode, policy=policy, budget_bytes=budget, host_budget_bytes=budget // 2,
                       preemption="borrow" if policy == "slo" else "recompute", activation_profile=profile,
-                      **engine_args)
+                      **config["engine_args"])
             rows[label] = serve(llm, requests, vocab, args.seed)
             rows[label]["timeline"] = [(s["end"] - llm.metrics.steps[0]["start"], s["batch"], s["kv_bytes"],
                                         s["activation_bytes"], s["borrowed_bytes"]) for s in llm.metrics.steps]
@@ -133,6 +151,8 @@ def main():
             print(f"{name:12s} HF generate   output_tokens_per_s={rows['HF generate']['output_tokens_per_s']:.3g}")
         results["workloads"][name] = rows
     print_ratios(results)
+    if args.only:
+        return  # a partial run: keep the full results
     RESULTS.mkdir(exist_ok=True)
     tag = "quick" if quick else args.device
     (RESULTS / f"engine_{tag}.json").write_text(json.dumps(results, indent=1))

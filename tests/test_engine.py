@@ -1,5 +1,6 @@
 """The paged-KV engine: outputs match Hugging Face generate, memory comes back, bad requests are refused."""
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from torch_ellm.integrations.engine.llm import LLM
 from torch_ellm.integrations.engine.sampling_params import SamplingParams
+from torch_ellm.integrations.engine.scheduler import SLOPolicy
 
 PROMPTS = [
     "The capital of France is",
@@ -78,11 +80,12 @@ def test_greedy_matches_hf_with_chunked_prefill(smollm2, reference, mode):
 
 @pytest.mark.parametrize("preemption", ["recompute", "borrow"])
 def test_greedy_matches_hf_across_preemption(smollm2, reference, preemption):
-    # The batch's KV peaks near 8 MiB: 6 MiB forces preemption or borrowing.
+    # 6 MiB holds the prompts as they are admitted (each needs room for its whole prompt) but not all
+    # of them as they decode: running requests are preempted or borrow.
     llm = smollm2_engine(smollm2, mode="elastic", budget_bytes=6 * MB, preemption=preemption,
                          host_budget_bytes=32 * MB if preemption == "borrow" else 0)
-    outs = llm.generate(PROMPTS[:4], GREEDY, use_tqdm=False)
-    assert [o.token_ids for o in outs] == reference[:4]
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in outs] == reference
     summary = llm.metrics.summary()
     if preemption == "recompute":
         assert summary["preemptions"] > 0
@@ -181,3 +184,61 @@ def test_static_mode_fixes_kv_pool_and_elastic_follows_the_batch(tiny_model):
             assert min(kv) < max(kv) and llm.kv_cache.num_blocks == 0  # grew and shrank back
         llm.close()
     assert results["static"] == results["elastic"]
+
+
+def slo_request(arrival=0.0, ttft_slo=1.0, tpot_slo=0.1, first_token_time=None):
+    return SimpleNamespace(arrival=arrival, ttft_slo=ttft_slo, tpot_slo=tpot_slo, first_token_time=first_token_time)
+
+
+def test_slo_policy_tpot_breaches_halve_the_batch_cap_and_slack_recovers_it():
+    policy = SLOPolicy(host_budget=64 * MB, max_batched_tokens=512, max_num_seqs=32, min_prefill_tokens=16)
+    batch = [slo_request() for _ in range(12)]
+    for step_seconds in (0.2, 0.05, 0.2):  # injected step times: 2 breaches of the 0.1 s target in 3
+        policy.observe(step_seconds, batch, [], now=0.5)
+    assert policy.batch_cap == 32  # the slack step raised nothing above the maximum; 2 breaches are not 3
+    policy.observe(0.2, batch, [], now=0.5)  # 3 in the last 5: down to half the decode batch
+    assert policy.batch_cap == 6 and policy.host_buffer == 32 * MB and policy.prefill_budget == 256
+    assert policy.max_running(64) == 6
+    for _ in range(3):
+        policy.observe(0.2, batch, [], now=0.5)  # a batch above the cap is not the cap's doing
+    assert policy.batch_cap == 6
+    for _ in range(3):
+        policy.observe(0.05, batch[:6], [], now=0.5)  # slack: one more a step
+    assert policy.batch_cap == 9
+    policy.observe(0.09, batch[:6], [], now=0.5)  # within the target but without slack: unchanged
+    assert policy.batch_cap == 9
+
+
+def test_slo_policy_ttft_breaches_grow_the_host_buffer():
+    policy = SLOPolicy(host_budget=64 * MB, max_batched_tokens=512, max_num_seqs=32, min_prefill_tokens=16)
+    for _ in range(3):
+        policy.observe(0.2, [slo_request()], [], now=0.5)
+    assert policy.host_buffer == 32 * MB
+    late = [slo_request(arrival=0.0, ttft_slo=0.1)]
+    for _ in range(3):
+        policy.observe(0.01, [], late, now=0.5)
+    assert policy.host_buffer == 64 * MB and policy.prefill_budget == 512
+
+
+def test_slo_policy_orders_by_deadline_and_holds_back_lost_requests():
+    policy = SLOPolicy(host_budget=0, max_batched_tokens=512, max_num_seqs=32, min_prefill_tokens=16)
+    lost, later, sooner = slo_request(0.0, 0.1), slo_request(0.0, 2.0), slo_request(0.5, 1.0)
+    decoding = slo_request(0.0, 1.0, first_token_time=0.4)
+    assert policy.order([lost, later, sooner], [decoding], now=1.0) == [sooner, later]
+    assert policy.order([lost, later, sooner], [], now=1.0) == [sooner, later, lost]
+    missed = slo_request(0.0, 0.1, first_token_time=0.4)  # already lost: nothing to protect
+    assert policy.order([lost, later], [missed], now=1.0) == [later, lost]
+
+
+def test_slo_engine_admits_no_more_than_the_batch_cap(tiny_model):
+    llm = tiny_engine(tiny_model, policy="slo")
+    llm.scheduler.policy.slack = 0  # no step is fast enough to raise the cap
+    llm.scheduler.policy.batch_cap = 2
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    for i in range(5):
+        llm.add_request([i + 1] * 5, params, ttft_slo=100.0, tpot_slo=100.0)
+    while llm.has_unfinished_requests():
+        llm.step()
+        assert len(llm.scheduler.running) <= 2
+    assert len(llm.metrics.requests) == 5
+    assert_pool_empty(llm)

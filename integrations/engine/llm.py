@@ -68,7 +68,7 @@ class LLM:
             raise
         self.blocks = BlockManager(block_size, max_blocks)
         chosen = FCFSPolicy() if policy == "fcfs" else SLOPolicy(self.pool.host_budget_bytes, max_num_batched_tokens,
-                                                                  block_size)
+                                                                  max_num_seqs, block_size)
         self.scheduler = Scheduler(self.blocks, self.memory, chosen, max_num_seqs, max_num_batched_tokens,
                                    chunked_prefill, preemption)
         self.metrics = RunMetrics()

@@ -12,11 +12,14 @@ from .sequence import Status
 class FCFSPolicy:
     """First come, first served; all the host budget may be borrowed."""
 
-    def order(self, waiting, now):
+    def order(self, waiting, running, now):
         return list(waiting)
 
     def prefill_tokens(self, max_batched_tokens):
         return max_batched_tokens
+
+    def max_running(self, max_num_seqs):
+        return max_num_seqs
 
     def host_allowance(self, host_budget):
         return host_budget
@@ -25,42 +28,70 @@ class FCFSPolicy:
         pass
 
 
-class SLOPolicy:
-    """Uses the requests' TTFT/TPOT targets, after eLLM: a logical host buffer (how much KV may be
-    borrowed) and a prefill token budget per step, halved when TPOT targets are breached in `breaches`
-    of the last `window` steps (fewer prefills slow decodes less) and doubled when TTFT targets are
-    (more prefills admitted, borrowing rather than queueing). Waiting requests go earliest TTFT deadline
-    first; those already past it go last, as they can no longer count towards goodput."""
+def _on_time(seq):
+    """Whether seq got (or may still get) its first token within its TTFT target."""
+    if seq.ttft_slo is None or seq.first_token_time is None:
+        return True
+    return seq.first_token_time - seq.arrival <= seq.ttft_slo
 
-    def __init__(self, host_budget, max_batched_tokens, min_prefill_tokens, window=5, breaches=3):
-        self.host_buffer = host_budget
-        self.max_host_buffer = host_budget
-        self.prefill_budget = max_batched_tokens
-        self.max_prefill = max_batched_tokens
+
+class SLOPolicy:
+    """Uses the requests' TTFT/TPOT targets, after eLLM, judged over the last `window` steps.
+
+    - Decode batch cap (how many requests may run at once): when TPOT targets are breached in
+      `breaches` of the last `window` steps it drops to half the decode batch that breached them
+      (multiplicative decrease); every step that meets the tightest TPOT target with `slack` to spare
+      raises it by one (additive increase). On a compute-bound device a step's time grows with its batch.
+    - Logical host buffer (how much KV may be borrowed) and prefill token budget per step: halved on
+      TPOT breaches (fewer prefills slow decodes less), doubled on TTFT breaches (more prefills admitted,
+      borrowing rather than queueing).
+    Waiting requests go earliest TTFT deadline first; those already past it go last, as they can no
+    longer count towards goodput."""
+
+    def __init__(self, host_budget, max_batched_tokens, max_num_seqs, min_prefill_tokens, window=5, breaches=3,
+                 slack=0.8):
+        self.host_buffer = self.max_host_buffer = host_budget
+        self.prefill_budget = self.max_prefill = max_batched_tokens
         self.min_prefill = min_prefill_tokens
-        self.window, self.breaches = window, breaches
+        self.batch_cap = self.max_batch = max_num_seqs
+        self.window, self.breaches, self.slack = window, breaches, slack
         self.tpot_history, self.ttft_history = deque(maxlen=window), deque(maxlen=window)
 
-    def order(self, waiting, now):
-        def deadline(seq):
-            due = seq.arrival + seq.ttft_slo if seq.ttft_slo is not None else float("inf")
-            return (due < now, due, seq.arrival)
-        return sorted(waiting, key=deadline)
+    def order(self, waiting, running, now):
+        """Earliest TTFT deadline first. Requests past theirs come last, and only once no request that can
+        still meet its targets is running: their prefill would slow its decode for no goodput."""
+        def due(seq):
+            return seq.arrival + seq.ttft_slo if seq.ttft_slo is not None else float("inf")
+
+        on_time = sorted((s for s in waiting if due(s) >= now), key=lambda s: (due(s), s.arrival))
+        if any(_on_time(s) and s.tpot_slo is not None for s in running):
+            return on_time
+        return on_time + sorted((s for s in waiting if due(s) < now), key=lambda s: s.arrival)
 
     def prefill_tokens(self, max_batched_tokens):
         return self.prefill_budget
+
+    def max_running(self, max_num_seqs):
+        return min(self.batch_cap, max_num_seqs)
 
     def host_allowance(self, host_budget):
         return min(self.host_buffer, host_budget)
 
     def observe(self, step_seconds, decoding, waiting, now):
-        self.tpot_history.append(any(s.tpot_slo is not None and step_seconds > s.tpot_slo for s in decoding))
+        """step_seconds: how long the step took; decoding: the requests it decoded; waiting: those queued."""
+        targets = [s.tpot_slo for s in decoding if s.tpot_slo is not None]
+        # A batch above the cap is one admitted before the cap fell: the cap already acts on it.
+        self.tpot_history.append(bool(targets) and step_seconds > min(targets) and len(decoding) <= self.batch_cap)
         self.ttft_history.append(any(s.ttft_slo is not None and now - s.arrival > s.ttft_slo for s in waiting))
         if sum(self.tpot_history) >= self.breaches:
+            self.batch_cap = max(1, min(self.batch_cap, len(decoding)) // 2)
             self.host_buffer //= 2
             self.prefill_budget = max(self.min_prefill, self.prefill_budget // 2)
             self.tpot_history.clear()
-        elif sum(self.ttft_history) >= self.breaches:
+            return
+        if targets and step_seconds <= self.slack * min(targets):
+            self.batch_cap = min(self.max_batch, self.batch_cap + 1)
+        if sum(self.ttft_history) >= self.breaches:
             self.host_buffer = min(self.max_host_buffer, max(1 << 20, self.host_buffer * 2))
             self.prefill_budget = min(self.max_prefill, self.prefill_budget * 2)
             self.ttft_history.clear()
@@ -88,18 +119,19 @@ class Scheduler:
             return 0
         return self.policy.host_allowance(self.memory.pool.host_budget_bytes)
 
-    def _take(self, seq, n, tokens):
+    def _take(self, seq, n, tokens, whole=False):
         """Give seq blocks for n more tokens, or for a smaller prefill chunk (halving: fewer tokens need
-        fewer activation bytes) if n does not fit in the step (now `tokens` tokens). Returns the tokens
-        taken, 0 if none fit."""
-        while not self._try_take(seq, n, tokens):
+        fewer activation bytes) if n does not fit in the step (now `tokens` tokens). whole: only if the
+        blocks for all its uncomputed tokens fit too (as vLLM admits a prompt: a prefill started without
+        room to finish is preempted halfway and its work lost). Returns the tokens taken, 0 if none fit."""
+        while not self._try_take(seq, n, tokens, whole):
             if not self.chunked_prefill or n <= self.blocks.block_size or is_decode(seq, n):
                 return 0
             n //= 2
         return n
 
-    def _try_take(self, seq, n, tokens):
-        extra = self.blocks.blocks_for(seq.num_computed + n) - len(seq.block_table)
+    def _try_take(self, seq, n, tokens, whole):
+        extra = self.blocks.blocks_for(len(seq) if whole else seq.num_computed + n) - len(seq.block_table)
         high_water = self.blocks.high_water_after(extra)
         if high_water is None or not self.memory.fits(high_water, tokens + n, self._allowance()):
             return False
@@ -125,6 +157,7 @@ class Scheduler:
     def schedule(self):
         """The step's (sequence, new tokens) pairs, prefills first; [] when nothing can run."""
         chunks, tokens, prefill_tokens = [], 0, 0
+        preemptions = self.num_preemptions
         for seq in list(self.running):
             if seq.status is not Status.RUNNING:
                 continue  # preempted below to make room for an earlier request
@@ -140,11 +173,16 @@ class Scheduler:
                 chunks.append((seq, n))
                 tokens += n
                 prefill_tokens += 0 if is_decode(seq, n) else n
-        for seq in self.policy.order(self.waiting, time.perf_counter()):
-            if len(self.running) >= self.max_num_seqs:
+        # No admissions in a step that preempted (as vLLM), unless nothing else runs: the request just
+        # preempted would be readmitted into the room it left, and preempted again next step.
+        admit = self.num_preemptions == preemptions or not chunks
+        admit = self.policy.order(self.waiting, self.running, time.perf_counter()) if admit else []
+        max_running = self.policy.max_running(self.max_num_seqs)
+        for seq in admit:
+            if len(self.running) >= max_running:
                 break
             n = self._chunk(seq, tokens, prefill_tokens)
-            n = n and self._take(seq, n, tokens)
+            n = n and self._take(seq, n, tokens, whole=True)
             if n == 0:
                 break
             self.waiting.remove(seq)
