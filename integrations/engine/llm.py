@@ -140,7 +140,7 @@ class LLM:
             raise ValueError(f"no unfinished request with id {request_id!r}")
         self.scheduler.finish(seq)
         seq.finish("abort", time.perf_counter())
-        self.memory.end_step(self.blocks.high_water)
+        self.memory.end_step(self.blocks.high_water, idle=not self._requests)
 
     def has_unfinished_requests(self):
         return bool(self._requests)
@@ -168,7 +168,7 @@ class LLM:
             seq.append(sample(row, seq.params, seq.generator), now)
             outputs.append(self._after_token(seq, now))
         model_end = time.perf_counter()
-        self.memory.end_step(self.blocks.high_water)
+        self.memory.end_step(self.blocks.high_water, idle=not self._requests)
         decoding = [seq for seq, n in chunks if n == 1 and seq.status is Status.RUNNING]
         self.scheduler.policy.observe(model_end - start, decoding, self.scheduler.waiting, model_end)
         end = time.perf_counter()

@@ -6,8 +6,10 @@ context, the worst case for T tokens. Then:
 - static: the activation peak for max_batched_tokens is reserved once; the rest of the budget becomes
   a fixed KV pool.
 - elastic: before each step its activation bytes are charged to the pool (a virtual tensor tagged
-  'activations', resized to the step's need) and given back after it; the KV cache maps blocks only
-  as they are used and unmaps its free tail, so KV and activations compete for one budget.
+  'activations', resized to the step's need); the KV cache maps blocks only as they are used. What a
+  step leaves mapped (idle activations, the KV cache's free tail) is given back lazily, when a later
+  step needs the room, and all of it when the engine goes idle: KV and activations compete for one
+  budget.
 On CUDA with enable() the activations really come from the pool; on CPU the charge stands in for them."""
 import bisect
 import weakref
@@ -136,10 +138,14 @@ class Memory:
         drops below its fixed pool."""
         return high_water if self.mode == "elastic" else max(high_water, self.static_blocks)
 
-    def _activation_growth(self, num_tokens):
+    def _activation_bytes(self, num_tokens):
+        """What a step charges to the pool for its activations (static mode reserved them already)."""
         if self.mode == "static":
             return 0
-        return _round_up(self.profile.bytes_for(num_tokens), self.pool.chunk_bytes) - self.activations.mapped_bytes
+        return _round_up(self.profile.bytes_for(num_tokens), self.pool.chunk_bytes)
+
+    def _activation_growth(self, num_tokens):
+        return 0 if self.mode == "static" else self._activation_bytes(num_tokens) - self.activations.mapped_bytes
 
     def fits(self, high_water, num_tokens, host_allowance=0):
         """Would a step with num_tokens tokens whose KV reaches block high_water fit, borrowing at most
@@ -156,16 +162,33 @@ class Memory:
         return min(self.kv.max_blocks, base + chunks_per_layer * self.pool.chunk_bytes // self.kv.block_bytes)
 
     def begin_step(self, high_water, num_tokens):
-        """Map everything the step needs before it runs (OutOfMemoryError if it does not fit)."""
-        self.kv.resize(self._kv_blocks(high_water))  # first: a shrinking tail makes room for activations
-        if self.mode == "elastic":
-            self.activations.resize(_round_up(self.profile.bytes_for(num_tokens), self.pool.chunk_bytes))
+        """Map everything the step needs before it runs (OutOfMemoryError if it does not fit).
 
-    def end_step(self, high_water):
-        """Give back what the step no longer needs: its activations and the KV cache's free tail."""
+        Elastic mode deflates lazily, as eLLM does: activation chunks and the KV cache's free tail
+        that earlier steps left mapped stay mapped while this step fits beside them, and are given
+        back only when it does not (a prefill needing room, more KV). That saves a map and an unmap
+        of every chunk on every step."""
+        kv_blocks = self._kv_blocks(high_water)
+        act = self._activation_bytes(num_tokens)
         if self.mode == "elastic":
-            self.activations.resize(0)
-        self.kv.resize(self._kv_blocks(high_water))
+            held = self.activations.mapped_bytes
+            lazy_kv, lazy_act = max(kv_blocks, self.kv.num_blocks), max(act, held)
+            if self.kv.bytes_to_resize(lazy_kv) + lazy_act - held <= self.device_room():
+                kv_blocks, act = lazy_kv, lazy_act
+            if act < held:
+                self.activations.resize(act)  # shrink before the KV grows into the room
+        self.kv.resize(kv_blocks)
+        if self.mode == "elastic":
+            self.activations.resize(act)
+
+    def end_step(self, high_water, idle):
+        """After a step. Static mode keeps its fixed KV pool; elastic mode keeps what the step mapped
+        for the next one (begin_step gives it back when needed) until the engine is idle, and then
+        gives everything back. Borrowed KV comes home when there is room."""
+        if self.mode == "static" or idle:
+            if self.mode == "elastic":
+                self.activations.resize(0)
+            self.kv.resize(self._kv_blocks(high_water))
         if self.pool.borrowed_bytes:
             self.pool.return_borrowed()
 
