@@ -39,7 +39,7 @@ int guarded(F&& f) {
 
 void configure_allocators(const AllocatorConfig& c) {
   if (c.backend != "cuda" && c.backend != "host")
-    throw InvalidArgument("unknown allocator backend '" + c.backend + "'");
+    throw InvalidArgument("unknown allocator backend '" + c.backend + "': expected 'host' or 'cuda'");
   std::lock_guard<std::mutex> lock(registry_mu);
   for (auto& a : allocators)
     if (a && a->live_blocks())
@@ -55,13 +55,14 @@ std::shared_ptr<CachingAllocator> allocator_for(int device, bool create) {
   std::lock_guard<std::mutex> lock(registry_mu);
   auto& a = allocators[device];
   if (!a && create) {
-    auto backend = config.backend == "cuda" ? make_cuda_backend(device) : make_host_backend(config.granularity);
-    size_t chunk = config.chunk_bytes ? config.chunk_bytes : std::max<size_t>(backend->granularity(), 2 << 20);
+    auto backend = make_backend(config.backend, device, config.granularity);
+    size_t chunk = config.chunk_bytes ? config.chunk_bytes : default_chunk_bytes(*backend);
     size_t budget = config.budget_bytes;
     if (budget == 0) budget = static_cast<size_t>(static_cast<double>(backend->capabilities().total_memory) *
                                                   config.fraction);
     a = std::make_shared<CachingAllocator>(
         std::make_shared<Pool>(std::move(backend), chunk, budget, config.host_budget_bytes));
+    CachingAllocator::register_with_pool(a);
   }
   return a;
 }

@@ -91,4 +91,14 @@ class Backend {
 std::unique_ptr<Backend> make_host_backend(size_t granularity);
 std::unique_ptr<Backend> make_cuda_backend(int device);
 
+// "host" (granularity is its page) or "cuda" (device is the GPU index).
+inline std::unique_ptr<Backend> make_backend(const std::string& name, int device, size_t granularity) {
+  if (name == "host") return make_host_backend(granularity);
+  if (name == "cuda") return make_cuda_backend(device);
+  throw InvalidArgument("unknown backend '" + name + "': expected 'host' or 'cuda'");
+}
+
+// 2 MiB, as PyTorch's expandable segments and kvcached use, or the granularity if larger.
+inline size_t default_chunk_bytes(const Backend& b) { return b.granularity() > (2u << 20) ? b.granularity() : 2u << 20; }
+
 }  // namespace ellm

@@ -64,14 +64,8 @@ py::capsule make_view(const std::shared_ptr<VirtualTensor>& vt, size_t offset, s
 
 std::shared_ptr<Pool> make_pool(const std::string& backend, int device, size_t budget, size_t host_budget,
                                 size_t chunk_bytes, size_t granularity) {
-  std::unique_ptr<Backend> b;
-  if (backend == "host")
-    b = make_host_backend(granularity);
-  else if (backend == "cuda")
-    b = make_cuda_backend(device);
-  else
-    throw InvalidArgument("unknown backend '" + backend + "': expected 'host' or 'cuda'");
-  if (chunk_bytes == 0) chunk_bytes = std::max<size_t>(b->granularity(), 2 << 20);
+  std::unique_ptr<Backend> b = make_backend(backend, device, granularity);
+  if (chunk_bytes == 0) chunk_bytes = default_chunk_bytes(*b);
   return std::make_shared<Pool>(std::move(b), chunk_bytes, budget, host_budget);
 }
 
@@ -79,6 +73,7 @@ std::shared_ptr<Pool> make_pool(const std::string& backend, int device, size_t b
 template <typename R, typename... Args>
 std::function<R(Args...)> from_python(py::function f) {
   auto held = std::shared_ptr<py::function>(new py::function(std::move(f)), [](py::function* p) {
+    if (!Py_IsInitialized()) return;  // at process exit, after Python: leak rather than crash
     py::gil_scoped_acquire gil;
     delete p;
   });
@@ -161,6 +156,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("host_budget_bytes", &Pool::host_budget)
       .def("return_borrowed", &Pool::return_borrowed, release_gil())
       .def("stats", &Pool::stats, release_gil())
+      .def("releasable_bytes", &Pool::releasable_bytes, release_gil())
       .def("stats_by_tag", &Pool::stats_by_tag, release_gil())
       .def("events",
            [](Pool& p) {
@@ -236,6 +232,7 @@ PYBIND11_MODULE(_C, m) {
       .def("chunk_locations",
            [](VirtualTensor& v) {
              std::vector<std::string> out;
+             py::gil_scoped_release nogil;  // the tensor's lock may be held by a thread that needs the GIL
              for (auto l : v.chunk_locations()) out.push_back(location_name(l));
              return out;
            })

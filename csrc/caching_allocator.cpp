@@ -1,6 +1,7 @@
 #include "caching_allocator.h"
 
 #include <algorithm>
+#include <limits>
 
 #include "format.h"
 
@@ -19,7 +20,27 @@ CachingAllocator::CachingAllocator(std::shared_ptr<Pool> pool)
       // A slab holds at least four slots of its largest class.
       small_limit_(std::max(kMinBlock, std::min(kSmallMax, pool_->chunk_bytes() / 4))) {}
 
+void CachingAllocator::register_with_pool(const std::shared_ptr<CachingAllocator>& self) {
+  std::weak_ptr<CachingAllocator> weak = self;
+  self->consumer_id_ = self->pool_->add_consumer(
+      "caching allocator", std::numeric_limits<int>::min(),
+      [weak](size_t) {
+        auto a = weak.lock();
+        if (!a) return size_t(0);
+        size_t freed = a->empty_cache();
+        // Emptying the cache so that a request fits is what PyTorch counts as an alloc retry.
+        std::lock_guard<std::mutex> lock(a->mu_);
+        if (freed) a->num_alloc_retries_ += 1;
+        return freed;
+      },
+      [weak] {
+        auto a = weak.lock();
+        return a ? a->cached_bytes() : size_t(0);
+      });
+}
+
 CachingAllocator::~CachingAllocator() {
+  if (consumer_id_) pool_->remove_consumer(consumer_id_);
   std::lock_guard<std::mutex> lock(mu_);
   for (auto& p : pending_)
     for (uint64_t e : p->events) pool_->backend().destroy_event(e);
@@ -297,6 +318,16 @@ size_t CachingAllocator::empty_cache_locked(std::vector<std::shared_ptr<VirtualT
   reserved_ -= freed;
   segments_ -= to_release.size();
   return freed;
+}
+
+size_t CachingAllocator::cached_bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  size_t bytes = 0;
+  for (auto& [key, list] : slabs_)
+    for (auto& slab : list) bytes += slab->used == 0 ? chunk_ : 0;
+  for (auto& [key, cached] : large_)
+    for (auto& [chunks, b] : cached) bytes += chunks * chunk_;
+  return bytes;
 }
 
 size_t CachingAllocator::empty_cache() {

@@ -21,6 +21,9 @@ class CachingAllocator {
  public:
   explicit CachingAllocator(std::shared_ptr<Pool> pool);
   ~CachingAllocator();
+  // Become the pool's first consumer: when the pool is short, the cache is
+  // emptied before any KV cache shrinks or anything is borrowed.
+  static void register_with_pool(const std::shared_ptr<CachingAllocator>& self);
 
   void* allocate(size_t size, uintptr_t stream, Tag tag);
   void free(void* ptr);
@@ -30,6 +33,7 @@ class CachingAllocator {
   void grant_access(void* ptr, int peer_device);
   // Unmap every cached block; chunks go back to the pool. Returns bytes freed.
   size_t empty_cache();
+  size_t cached_bytes() const;
   std::map<std::string, double> stats() const;
   void reset_peak_stats();
   size_t live_blocks() const;
@@ -79,6 +83,7 @@ class CachingAllocator {
   void count_alloc_locked(const Block& b, int sign);
 
   std::shared_ptr<Pool> pool_;
+  int consumer_id_ = 0;
   const size_t chunk_;
   const size_t small_limit_;
   mutable std::mutex mu_;

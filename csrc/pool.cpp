@@ -51,8 +51,13 @@ double Pool::now() const {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
 }
 
-size_t Pool::limit_locked(Location where) const {
-  return (where == Location::Device ? std::min(budget_, lowering_to_) : host_budget_) / chunk_bytes_;
+size_t Pool::limit_locked(Location where, Tag tag) const {
+  if (where == Location::Host) return host_budget_ / chunk_bytes_;
+  size_t limit = std::min(budget_, lowering_to_) / chunk_bytes_;
+  // Headroom for an imminent prefill is kept from everything but activations.
+  if (tag == Tag::Activations) return limit;
+  size_t keep = (policy_.keep_free_bytes + chunk_bytes_ - 1) / chunk_bytes_;
+  return limit > keep ? limit - keep : 0;
 }
 
 void Pool::log_locked(const char* kind, size_t bytes, double seconds) {
@@ -66,12 +71,7 @@ void Pool::log_locked(const char* kind, size_t bytes, double seconds) {
 
 bool Pool::take_locked(size_t n, Location where, Tag tag, std::vector<Chunk>& out) {
   Tier& t = tier(where);
-  size_t limit = limit_locked(where);
-  // Headroom for an imminent prefill is kept from everything but activations.
-  if (where == Location::Device && tag != Tag::Activations) {
-    size_t keep = (policy_.keep_free_bytes + chunk_bytes_ - 1) / chunk_bytes_;
-    limit = limit > keep ? limit - keep : 0;
-  }
+  size_t limit = limit_locked(where, tag);
   // Physical chunks end up at max(live + cached, live + n): within budget
   // whenever live + n is, since the cache never holds more than the budget.
   if (t.live + n > limit) return false;
@@ -100,9 +100,9 @@ bool Pool::take_locked(size_t n, Location where, Tag tag, std::vector<Chunk>& ou
   return true;
 }
 
-size_t Pool::free_chunks(Location where) const {
+size_t Pool::free_chunks(Location where, Tag tag) const {
   std::lock_guard<std::mutex> lock(mu_);
-  size_t limit = limit_locked(where), live = tier(where).live;
+  size_t limit = limit_locked(where, tag), live = tier(where).live;
   return limit > live ? limit - live : 0;
 }
 
@@ -118,7 +118,9 @@ std::vector<Chunk> Pool::acquire(size_t n, Location where, Tag tag, bool may_def
         log_locked("alloc", n * chunk_bytes_, now() - t0);
         return out;
       }
-      size_t limit = limit_locked(where), live = tier(where).live;
+      size_t limit = limit_locked(where, tag), live = tier(where).live;
+      // More than the whole budget: no deflation can help, so disturb no one.
+      if (n > limit) break;
       short_chunks = live + n > limit ? live + n - limit : n;
     }
     // Short of memory: free what others can spare, then try again. Never
@@ -127,8 +129,11 @@ std::vector<Chunk> Pool::acquire(size_t n, Location where, Tag tag, bool may_def
     if (deflate(short_chunks * chunk_bytes_) == 0 && attempt > 0) break;
   }
   std::lock_guard<std::mutex> lock(mu_);
-  counters_["num_ooms"] += 1;
-  log_locked("oom", n * chunk_bytes_, now() - t0);
+  // Internal moves (may_deflate false) probe for room: their refusals are not OOMs.
+  if (may_deflate) {
+    counters_["num_ooms"] += 1;
+    log_locked("oom", n * chunk_bytes_, now() - t0);
+  }
   const Tier& d = tier(Location::Device);
   const Tier& h = tier(Location::Host);
   std::string by_tag;
@@ -162,7 +167,7 @@ void Pool::release(const std::vector<Chunk>& chunks, Tag tag) {
 void Pool::release_excess_locked() {
   for (auto l : {Location::Device, Location::Host}) {
     Tier& t = tier(l);
-    while (!t.cached.empty() && t.physical() > limit_locked(l)) {
+    while (!t.cached.empty() && t.physical() > limit_locked(l, Tag::Activations)) {
       backend_->release_chunk(t.cached.back(), chunk_bytes_, l);
       t.cached.pop_back();
     }
@@ -207,11 +212,30 @@ void Pool::migrate(uintptr_t addr, const Chunk& from, const Chunk& to) {
   {
     std::lock_guard<std::mutex> lock(staging_mu_);
     backend_->map(staging_, chunk_bytes_, to.handle);
-    backend_->set_access(staging_, chunk_bytes_);
-    backend_->copy(staging_, addr, chunk_bytes_);
+    try {
+      backend_->set_access(staging_, chunk_bytes_);
+      backend_->copy(staging_, addr, chunk_bytes_);
+    } catch (...) {
+      backend_->unmap(staging_, chunk_bytes_);  // the staging range must stay free for the next move
+      throw;
+    }
     backend_->unmap(staging_, chunk_bytes_);
   }
-  backend_->remap(addr, chunk_bytes_, to.handle);
+  try {
+    backend_->remap(addr, chunk_bytes_, to.handle);
+  } catch (...) {
+    // Put the old chunk back (best effort) so the address keeps the bytes it had.
+    try {
+      backend_->unmap(addr, chunk_bytes_);
+    } catch (...) {
+    }
+    try {
+      backend_->map(addr, chunk_bytes_, from.handle);
+      backend_->set_access(addr, chunk_bytes_);
+    } catch (...) {
+    }
+    throw;
+  }
   std::lock_guard<std::mutex> lock(mu_);
   tier(from.where).mapped -= 1;
   tier(to.where).mapped += 1;
@@ -427,6 +451,18 @@ std::map<std::string, double> Pool::stats() const {
   };
   for (auto& kv : counters_) s[kv.first] = kv.second;
   return s;
+}
+
+size_t Pool::releasable_bytes() const {
+  std::vector<Consumer> consumers;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    consumers = consumers_;
+  }
+  size_t total = 0;
+  for (auto& c : consumers)
+    if (c.releasable) total += c.releasable();
+  return total;
 }
 
 std::map<std::string, std::map<std::string, double>> Pool::stats_by_tag() const {

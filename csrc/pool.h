@@ -37,7 +37,6 @@ struct OutOfMemory : std::runtime_error {
 struct Policy {
   bool borrow[kNumTags] = {false, false, true, false};  // which tags may move to host
   size_t keep_free_bytes = 0;   // device headroom kept for an imminent prefill
-  bool return_borrowed = true;  // bring borrowed chunks back when device memory frees up
 };
 
 struct Event {
@@ -73,8 +72,8 @@ class Pool : public std::enable_shared_from_this<Pool> {
   // All or nothing: n chunks of the tier, counted under tag. On the device
   // tier a shortfall frees the cache, asks consumers, then borrows host memory.
   std::vector<Chunk> acquire(size_t n, Location where, Tag tag, bool may_deflate = true);
-  // Chunks a tier can still hand out without deflating.
-  size_t free_chunks(Location where) const;
+  // Chunks a tier can still hand out to tag without deflating.
+  size_t free_chunks(Location where, Tag tag) const;
   void release(const std::vector<Chunk>& chunks, Tag tag);
 
   // Address ranges and mappings, counted. map() also sets access.
@@ -104,6 +103,8 @@ class Pool : public std::enable_shared_from_this<Pool> {
   size_t return_borrowed();
 
   std::map<std::string, double> stats() const;
+  // What the consumers say they could give back now.
+  size_t releasable_bytes() const;
   std::map<std::string, std::map<std::string, double>> stats_by_tag() const;
   std::vector<Event> events() const;
   void set_event_capacity(size_t n);
@@ -124,7 +125,7 @@ class Pool : public std::enable_shared_from_this<Pool> {
 
   bool take_locked(size_t n, Location where, Tag tag, std::vector<Chunk>& out);
   void release_excess_locked();
-  size_t limit_locked(Location where) const;
+  size_t limit_locked(Location where, Tag tag) const;
   void log_locked(const char* kind, size_t bytes, double seconds);
   double now() const;
   size_t deflate(size_t want_bytes);

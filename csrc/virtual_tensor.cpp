@@ -24,7 +24,6 @@ VirtualTensor::VirtualTensor(std::shared_ptr<Pool> pool, size_t max_bytes, Tag t
                           std::to_string(max_bytes));
   max_bytes_ = (max_bytes + chunk_ - 1) / chunk_ * chunk_;
   base_ = pool_->reserve(max_bytes_);
-  chunks_.reserve(max_bytes_ / chunk_);
   pool_->attach(this);
   touch();
 }
@@ -190,7 +189,7 @@ void VirtualTensor::unpin() {
 size_t VirtualTensor::move_front(size_t count, Location to) {
   std::unique_lock<OwnedMutex> lock(mu_, std::try_to_lock);
   if (!lock.owns_lock() || released_ || pins_ > 0) return 0;
-  count = std::min(count, pool_->free_chunks(to));
+  count = std::min(count, pool_->free_chunks(to, tag_));
   size_t last = 0, picked = 0;
   while (last < chunks_.size() && picked < count)
     if (chunks_[last++].where != to) ++picked;

@@ -351,3 +351,13 @@ def test_reader_survives_offload_of_unpinned_tensor():
     proc = run_isolated(READ_DURING_MOVE)
     assert proc.returncode == 0, f"interpreter died (rc {proc.returncode}): {proc.stderr[-2000:]}"
     assert "all correct True" in proc.stdout, proc.stdout
+
+
+def test_releasable_bytes_sums_what_consumers_report():
+    pool = torch_ellm.Pool("host", budget_bytes=1 << 20, chunk_bytes=4096)
+    first = pool.add_consumer("a", lambda want: 0, releasable=lambda: 3 * 4096)
+    pool.add_consumer("b", lambda want: 0, releasable=lambda: 1 / 0)  # a failing report counts as 0
+    pool.add_consumer("c", lambda want: 0)
+    assert pool.releasable_bytes() == 3 * 4096
+    pool.remove_consumer(first)
+    assert pool.releasable_bytes() == 0

@@ -144,6 +144,10 @@ class Pool:
     def remove_consumer(self, consumer_id):
         self._pool.remove_consumer(consumer_id)
 
+    def releasable_bytes(self):
+        """What the consumers report they could give back now (their releasable callbacks)."""
+        return self._pool.releasable_bytes()
+
     @property
     def policy(self):
         """{'borrow': {tag: bool}, 'keep_free_bytes': int}: which tags may move to host memory, and the
