@@ -220,6 +220,7 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<VirtualTensor, std::shared_ptr<VirtualTensor>>(m, "VirtualTensor")
       .def("resize", &VirtualTensor::resize, release_gil())
+      .def("try_resize", &VirtualTensor::try_resize, release_gil())
       .def("release", &VirtualTensor::release, release_gil())
       .def("data_ptr", &VirtualTensor::data_ptr)
       .def_property_readonly("nbytes", without_gil(&VirtualTensor::nbytes))

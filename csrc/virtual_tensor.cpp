@@ -69,6 +69,17 @@ std::vector<Location> VirtualTensor::chunk_locations() const {
 
 void VirtualTensor::resize(size_t nbytes) {
   std::lock_guard<OwnedMutex> lock(mu_);
+  resize_locked(nbytes);
+}
+
+bool VirtualTensor::try_resize(size_t nbytes) {
+  std::unique_lock<OwnedMutex> lock(mu_, std::try_to_lock);
+  if (!lock.owns_lock()) return false;
+  resize_locked(nbytes);
+  return true;
+}
+
+void VirtualTensor::resize_locked(size_t nbytes) {
   check_live();
   if (nbytes > max_bytes_)
     throw InvalidArgument("resize to " + std::to_string(nbytes) + " bytes is past max_bytes (" +

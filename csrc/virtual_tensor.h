@@ -46,6 +46,9 @@ class VirtualTensor : public std::enable_shared_from_this<VirtualTensor> {
   ~VirtualTensor();
 
   void resize(size_t nbytes);
+  // resize() unless another thread holds the tensor: then false at once. For
+  // consumer callbacks, which must never wait on a thread that may wait on them.
+  bool try_resize(size_t nbytes);
   void release();
 
   uintptr_t data_ptr() const { return base_; }
@@ -80,6 +83,7 @@ class VirtualTensor : public std::enable_shared_from_this<VirtualTensor> {
 
  private:
   void check_live() const;
+  void resize_locked(size_t nbytes);
   void touch();
   size_t move_locked(size_t first, size_t last, Location to, bool may_deflate);
   size_t move_front(size_t count, Location to);

@@ -42,13 +42,18 @@ class TokenRows:
     def capacity(self):
         return self.rows.shape[0]
 
-    def resize(self, length):
-        """Map exactly the chunks that `length` rows need (growing or shrinking); views are renewed."""
+    def resize(self, length, wait=True):
+        """Map exactly the chunks that `length` rows need (growing or shrinking); views are renewed.
+        With wait=False (pool callbacks), a store another thread holds is left as it is."""
         if length > self.max_len:
             raise ValueError(f"the cache holds at most {self.max_len} tokens; raise max_cache_len")
         self.rows = None  # a live view would forbid the shrink; growth never moves mapped bytes anyway
         try:
-            self.store.resize(length * self.row_bytes)
+            nbytes = length * self.row_bytes
+            if wait:
+                self.store.resize(nbytes)
+            elif not self.store.try_resize(nbytes):
+                return
             self.mapped = math.ceil(length * self.row_bytes / self.chunk) * self.chunk
         finally:
             capacity = min(self.mapped // self.row_bytes, self.max_len)
@@ -158,8 +163,8 @@ class ElasticLayer(CacheLayerMixin):
         before = self.k.mapped + self.v.mapped
         self.keys = self.values = None
         try:
-            self.k.resize(self.length)
-            self.v.resize(self.length)
+            self.k.resize(self.length, wait=False)  # a pool callback: never wait on another thread
+            self.v.resize(self.length, wait=False)
         finally:
             self._refresh()
         return before - self.k.mapped - self.v.mapped

@@ -361,3 +361,21 @@ def test_releasable_bytes_sums_what_consumers_report():
     assert pool.releasable_bytes() == 3 * 4096
     pool.remove_consumer(first)
     assert pool.releasable_bytes() == 0
+
+
+def test_consumer_try_resize_never_waits_on_a_held_tensor():
+    """A consumer asked by a tensor's own growth finds that tensor held: try_resize says so instead of
+    blocking (or raising, as resize does), and the growth goes on by borrowing another tensor."""
+    pool = torch_ellm.Pool("host", budget_bytes=8 * 4096, host_budget_bytes=8 * 4096, chunk_bytes=4096)
+    cold = pool.virtual_tensor(4 * 4096, tag="kv")
+    cold.resize(4 * 4096)
+    kv = pool.virtual_tensor(16 * 4096, tag="kv")
+    kv.resize(2 * 4096)
+    answers = []
+    pool.add_consumer("self-shrinker", lambda want: answers.append(kv.try_resize(0)) or 0)
+    kv.resize(8 * 4096)  # 6 more chunks, 2 free: the consumer is asked while kv is held
+    assert answers == [False]
+    assert kv.mapped_bytes == 8 * 4096 and cold.host_bytes == 4 * 4096
+    assert kv.try_resize(0) and kv.mapped_bytes == 0  # no longer held: it resizes
+    kv.release()
+    cold.release()

@@ -221,6 +221,11 @@ class VirtualTensor:
         OutOfMemoryError and leaves the tensor as it was."""
         self._vt.resize(parse_bytes(nbytes, "nbytes"))
 
+    def try_resize(self, nbytes):
+        """resize(), unless another thread is using the tensor: then return False at once. Consumer
+        callbacks shrink with this, so that two threads' callbacks never wait on each other."""
+        return self._vt.try_resize(parse_bytes(nbytes, "nbytes"))
+
     def release(self):
         """Unmap everything and give the address range back. Views must be gone first."""
         self._vt.release()
