@@ -239,6 +239,7 @@ PYBIND11_MODULE(_C, m) {
            })
       .def("offload", &VirtualTensor::offload, release_gil())
       .def("prefetch", &VirtualTensor::prefetch, release_gil())
+      .def("grant_access", &VirtualTensor::grant_access, release_gil())
       .def("pin", &VirtualTensor::pin, release_gil())
       .def("unpin", &VirtualTensor::unpin)
       .def("_view", &make_view);

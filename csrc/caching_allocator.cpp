@@ -269,7 +269,7 @@ void CachingAllocator::grant_access(void* p, int peer_device) {
     if (it == live_.end()) throw InvalidArgument("torch_ellm: grant_access on a pointer this allocator did not hand out");
     range = it->second->slab ? it->second->slab->range : it->second->range;
   }
-  pool_->backend().grant_access(range->data_ptr(), range->mapped_bytes(), peer_device);
+  range->grant_access(peer_device);
 }
 
 void CachingAllocator::recycle_locked(std::unique_ptr<Block> b) {

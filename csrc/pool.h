@@ -83,6 +83,7 @@ class Pool : public std::enable_shared_from_this<Pool> {
   // Unmap consecutive chunks starting at addr, after queued work has finished.
   void unmap(uintptr_t addr, const std::vector<Chunk>& chunks);
   void synchronize() { backend_->synchronize(); }
+  void grant_access(uintptr_t addr, size_t bytes, int peer) { backend_->grant_access(addr, bytes, peer); }
   // Move the bytes at addr onto chunk `to`, remapping addr there: the address
   // keeps its contents and stays valid; `from` is left unmapped.
   void migrate(uintptr_t addr, const Chunk& from, const Chunk& to);

@@ -96,6 +96,7 @@ void VirtualTensor::resize_locked(size_t nbytes) {
       throw;
     }
     chunks_.insert(chunks_.end(), fresh.begin(), fresh.end());
+    grant_peers_locked(have, fresh.size());
   } else if (need < have) {
     {
       std::lock_guard<std::mutex> views(views_mu_);
@@ -150,6 +151,7 @@ size_t VirtualTensor::move_locked(size_t first, size_t last, Location to, bool m
       pool_->migrate(base_ + i * chunk_, chunks_[i], fresh[done]);
       old.push_back(chunks_[i]);
       chunks_[i] = fresh[done];
+      grant_peers_locked(i, 1);
     }
   } catch (...) {
     pool_->release(std::vector<Chunk>(fresh.begin() + done, fresh.end()), tag_);
@@ -179,6 +181,25 @@ size_t VirtualTensor::prefetch(size_t start, size_t end) {
   check_range(start, end, chunks_.size() * chunk_);
   touch();
   return move_locked(start / chunk_, (end + chunk_ - 1) / chunk_, Location::Device, true);
+}
+
+void VirtualTensor::grant_access(int peer_device) {
+  std::lock_guard<OwnedMutex> lock(mu_);
+  check_live();
+  if (std::find(peers_.begin(), peers_.end(), peer_device) != peers_.end()) return;
+  peers_.push_back(peer_device);
+  try {
+    grant_peers_locked(0, chunks_.size());
+  } catch (...) {
+    peers_.pop_back();
+    throw;
+  }
+}
+
+// A remap loses per-range access: give it again to every peer.
+void VirtualTensor::grant_peers_locked(size_t first, size_t count) {
+  if (count == 0) return;
+  for (int peer : peers_) pool_->grant_access(base_ + first * chunk_, count * chunk_, peer);
 }
 
 void VirtualTensor::pin() {

@@ -65,6 +65,9 @@ class VirtualTensor : public std::enable_shared_from_this<VirtualTensor> {
   // Move [start, end) to host chunks / back to device chunks, same address.
   size_t offload(size_t start, size_t end);
   size_t prefetch(size_t start, size_t end);
+  // Let another device use the range; re-applied whenever chunks are mapped or moved.
+  void grant_access(int peer_device);
+
   // Pinned tensors are never chosen to be borrowed by the pool.
   void pin();
   void unpin();
@@ -84,6 +87,7 @@ class VirtualTensor : public std::enable_shared_from_this<VirtualTensor> {
  private:
   void check_live() const;
   void resize_locked(size_t nbytes);
+  void grant_peers_locked(size_t first, size_t count);
   void touch();
   size_t move_locked(size_t first, size_t last, Location to, bool may_deflate);
   size_t move_front(size_t count, Location to);
@@ -96,6 +100,7 @@ class VirtualTensor : public std::enable_shared_from_this<VirtualTensor> {
   Tag tag_;
   size_t nbytes_ = 0;
   std::vector<Chunk> chunks_;  // chunk i is mapped at base_ + i * chunk_
+  std::vector<int> peers_;     // devices granted access to the range
   mutable OwnedMutex mu_;
   std::atomic<bool> released_{false};
   std::atomic<int> pins_{0};

@@ -299,3 +299,14 @@ def test_host_capabilities():
     caps = pool.capabilities()
     assert caps["virtual_memory"] and caps["host_chunks"]
     assert caps["granularity"] == 16 * KiB == pool.chunk_bytes
+
+
+def test_grant_access_on_host_is_a_clear_error_and_changes_nothing():
+    pool = torch_ellm.Pool("host", budget_bytes=1 << 20, chunk_bytes=4096)
+    vt = pool.virtual_tensor(16 * 4096)
+    vt.resize(4096)
+    with pytest.raises(ValueError, match="no device 1"):
+        vt.grant_access(1)
+    vt.resize(8 * 4096)  # not remembered as a peer: growing does not try to grant it again
+    assert vt.mapped_bytes == 8 * 4096
+    vt.release()

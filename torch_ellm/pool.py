@@ -258,6 +258,11 @@ class VirtualTensor:
         """Bring bytes [start, end) back to device memory; returns bytes moved."""
         return self._vt.prefetch(start, self.mapped_bytes if end is None else end)
 
+    def grant_access(self, peer_device):
+        """Let another GPU read and write this range (per-range cuMemSetAccess), kept through resizes
+        and moves. The host backend has no other device: ValueError."""
+        self._vt.grant_access(int(peer_device))
+
     def chunk_locations(self):
         """'device' or 'host' for each mapped chunk, front to back."""
         return self._vt.chunk_locations()
