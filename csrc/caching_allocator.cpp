@@ -71,6 +71,25 @@ void CachingAllocator::count_alloc_locked(const Block& b, int sign) {
   }
 }
 
+void CachingAllocator::add_reserved_locked(size_t bytes) {
+  reserved_ += bytes;
+  reserved_peak_ = std::max(reserved_peak_, reserved_);
+}
+
+void* CachingAllocator::hand_out_locked(std::unique_ptr<Block> b) {
+  uintptr_t ptr = b->ptr;
+  count_alloc_locked(*b, +1);
+  live_[ptr] = std::move(b);
+  return reinterpret_cast<void*>(ptr);
+}
+
+void* CachingAllocator::take_slot_locked(Slab* slab, size_t size, uintptr_t stream, Tag tag) {
+  uintptr_t ptr = slab->free_slots.back();
+  slab->free_slots.pop_back();
+  slab->used += 1;
+  return hand_out_locked(std::make_unique<Block>(Block{ptr, size, slab->slot, stream, tag, slab, nullptr, {}, {}}));
+}
+
 void* CachingAllocator::allocate(size_t size, uintptr_t stream, Tag tag) {
   if (size == 0) return nullptr;
   if (size > (size_t(1) << 47)) throw InvalidArgument("allocation of " + std::to_string(size) + " bytes is absurd");
@@ -103,16 +122,8 @@ void* CachingAllocator::allocate_small(size_t size, size_t cls, uintptr_t stream
   {
     std::lock_guard<std::mutex> lock(mu_);
     process_events_locked();
-    for (auto& slab : slabs_[key]) {
-      if (slab->free_slots.empty()) continue;
-      uintptr_t ptr = slab->free_slots.back();
-      slab->free_slots.pop_back();
-      slab->used += 1;
-      auto b = std::make_unique<Block>(Block{ptr, size, cls, stream, tag, slab.get(), nullptr, {}, {}});
-      count_alloc_locked(*b, +1);
-      live_[ptr] = std::move(b);
-      return reinterpret_cast<void*>(ptr);
-    }
+    for (auto& slab : slabs_[key])
+      if (!slab->free_slots.empty()) return take_slot_locked(slab.get(), size, stream, tag);
   }
   // A new slab, made without our lock: the pool may call consumers that need the GIL.
   auto range = std::make_shared<VirtualTensor>(pool_, chunk_, tag);
@@ -121,17 +132,11 @@ void* CachingAllocator::allocate_small(size_t size, size_t cls, uintptr_t stream
   size_t slots = chunk_ / cls;
   for (size_t i = slots; i-- > 0;) slab->free_slots.push_back(range->data_ptr() + i * cls);
   std::lock_guard<std::mutex> lock(mu_);
-  reserved_ += chunk_;
-  reserved_peak_ = std::max(reserved_peak_, reserved_);
+  add_reserved_locked(chunk_);
   segments_ += 1;
-  uintptr_t ptr = slab->free_slots.back();
-  slab->free_slots.pop_back();
-  slab->used = 1;
-  auto b = std::make_unique<Block>(Block{ptr, size, cls, stream, tag, slab.get(), nullptr, {}, {}});
-  count_alloc_locked(*b, +1);
-  live_[ptr] = std::move(b);
+  Slab* fresh = slab.get();
   slabs_[key].push_back(std::move(slab));
-  return reinterpret_cast<void*>(ptr);
+  return take_slot_locked(fresh, size, stream, tag);
 }
 
 void* CachingAllocator::take_cached_large(size_t chunks, size_t size, uintptr_t stream, Tag tag) {
@@ -145,10 +150,7 @@ void* CachingAllocator::take_cached_large(size_t chunks, size_t size, uintptr_t 
   std::unique_ptr<Block> b = std::move(it->second);
   cached.erase(it);
   b->size = size;
-  uintptr_t ptr = b->ptr;
-  count_alloc_locked(*b, +1);
-  live_[ptr] = std::move(b);
-  return reinterpret_cast<void*>(ptr);
+  return hand_out_locked(std::move(b));
 }
 
 void CachingAllocator::recycle_cached_large_locked(size_t chunks,
@@ -229,12 +231,8 @@ void* CachingAllocator::allocate_large(size_t size, uintptr_t stream, Tag tag) {
   std::lock_guard<std::mutex> lock(mu_);
   b->size = size;
   b->capacity = chunks * chunk_;
-  reserved_ += b->capacity;
-  reserved_peak_ = std::max(reserved_peak_, reserved_);
-  uintptr_t ptr = b->ptr;
-  count_alloc_locked(*b, +1);
-  live_[ptr] = std::move(b);
-  return reinterpret_cast<void*>(ptr);
+  add_reserved_locked(b->capacity);
+  return hand_out_locked(std::move(b));
 }
 
 void CachingAllocator::free(void* p) {

@@ -81,6 +81,10 @@ class CachingAllocator {
   void process_events_locked();
   size_t empty_cache_locked(std::vector<std::shared_ptr<VirtualTensor>>& to_release);
   void count_alloc_locked(const Block& b, int sign);
+  void add_reserved_locked(size_t bytes);
+  // Record b as live and return its pointer.
+  void* hand_out_locked(std::unique_ptr<Block> b);
+  void* take_slot_locked(Slab* slab, size_t size, uintptr_t stream, Tag tag);
 
   std::shared_ptr<Pool> pool_;
   int consumer_id_ = 0;

@@ -187,14 +187,18 @@ void Pool::free_range(uintptr_t addr, size_t bytes) {
   reserved_bytes_ -= bytes;
 }
 
-void Pool::map(uintptr_t addr, const Chunk& c) {
-  backend_->map(addr, chunk_bytes_, c.handle);
+void Pool::map_accessible(uintptr_t addr, Handle h) {
+  backend_->map(addr, chunk_bytes_, h);
   try {
     backend_->set_access(addr, chunk_bytes_);
   } catch (...) {
     backend_->unmap(addr, chunk_bytes_);
     throw;
   }
+}
+
+void Pool::map(uintptr_t addr, const Chunk& c) {
+  map_accessible(addr, c.handle);
   std::lock_guard<std::mutex> lock(mu_);
   tier(c.where).mapped += 1;
 }
@@ -211,9 +215,8 @@ void Pool::unmap(uintptr_t addr, const std::vector<Chunk>& chunks) {
 void Pool::migrate(uintptr_t addr, const Chunk& from, const Chunk& to) {
   {
     std::lock_guard<std::mutex> lock(staging_mu_);
-    backend_->map(staging_, chunk_bytes_, to.handle);
+    map_accessible(staging_, to.handle);
     try {
-      backend_->set_access(staging_, chunk_bytes_);
       backend_->copy(staging_, addr, chunk_bytes_);
     } catch (...) {
       backend_->unmap(staging_, chunk_bytes_);  // the staging range must stay free for the next move
@@ -230,8 +233,7 @@ void Pool::migrate(uintptr_t addr, const Chunk& from, const Chunk& to) {
     } catch (...) {
     }
     try {
-      backend_->map(addr, chunk_bytes_, from.handle);
-      backend_->set_access(addr, chunk_bytes_);
+      map_accessible(addr, from.handle);
     } catch (...) {
     }
     throw;
@@ -256,32 +258,38 @@ size_t Pool::trim() {
 
 size_t Pool::deflate(size_t want) {
   auto t0 = now();
-  deflating += 1;
+  struct Deflating {  // marks this thread for the duration, exceptions included
+    Deflating() { deflating += 1; }
+    ~Deflating() { deflating -= 1; }
+  } scope;
+  std::vector<Consumer> consumers = consumers_copy();
+  std::stable_sort(consumers.begin(), consumers.end(),
+                   [](const Consumer& a, const Consumer& b) { return a.priority < b.priority; });
   size_t freed = 0;
-  try {
-    std::vector<Consumer> consumers;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      consumers = consumers_;
-    }
-    std::stable_sort(consumers.begin(), consumers.end(),
-                     [](const Consumer& a, const Consumer& b) { return a.priority < b.priority; });
-    for (auto& c : consumers) {
-      if (freed >= want) break;
-      freed += c.shrink(want - freed);
-    }
-    if (freed > 0) {
-      std::lock_guard<std::mutex> lock(mu_);
-      counters_["num_deflations"] += 1;
-      log_locked("deflate", freed, now() - t0);
-    }
-    if (freed < want) freed += borrow(want - freed);
-  } catch (...) {
-    deflating -= 1;
-    throw;
+  for (auto& c : consumers) {
+    if (freed >= want) break;
+    freed += c.shrink(want - freed);
   }
-  deflating -= 1;
+  if (freed > 0) {
+    std::lock_guard<std::mutex> lock(mu_);
+    counters_["num_deflations"] += 1;
+    log_locked("deflate", freed, now() - t0);
+  }
+  if (freed < want) freed += borrow(want - freed);
   return freed;
+}
+
+std::vector<Consumer> Pool::consumers_copy() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return consumers_;
+}
+
+std::vector<std::shared_ptr<VirtualTensor>> Pool::tensors_locked(bool borrowable_only) const {
+  std::vector<std::shared_ptr<VirtualTensor>> out;
+  for (VirtualTensor* vt : tensors_)
+    if (!borrowable_only || policy_.borrow[static_cast<int>(vt->tag())])
+      if (auto sp = vt->weak_from_this().lock()) out.push_back(std::move(sp));
+  return out;
 }
 
 size_t Pool::borrow(size_t want) {
@@ -291,9 +299,7 @@ size_t Pool::borrow(size_t want) {
     std::lock_guard<std::mutex> lock(mu_);
     // Without host-located chunks (an older driver) there is nothing to borrow into.
     if (host_budget_ < chunk_bytes_ || !host_chunks_) return 0;
-    for (VirtualTensor* vt : tensors_)
-      if (policy_.borrow[static_cast<int>(vt->tag())])
-        if (auto sp = vt->weak_from_this().lock()) victims.push_back(std::move(sp));
+    victims = tensors_locked(true);
   }
   // Coldest first: the tensor touched longest ago gives its memory.
   std::sort(victims.begin(), victims.end(),
@@ -318,8 +324,7 @@ size_t Pool::return_borrowed() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (tier(Location::Host).live == 0) return 0;
-    for (VirtualTensor* vt : tensors_)
-      if (auto sp = vt->weak_from_this().lock()) owners.push_back(std::move(sp));
+    owners = tensors_locked(false);
   }
   // Hottest first: the tensor used most recently wants its memory back most.
   std::sort(owners.begin(), owners.end(),
@@ -454,13 +459,8 @@ std::map<std::string, double> Pool::stats() const {
 }
 
 size_t Pool::releasable_bytes() const {
-  std::vector<Consumer> consumers;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    consumers = consumers_;
-  }
   size_t total = 0;
-  for (auto& c : consumers)
+  for (auto& c : consumers_copy())
     if (c.releasable) total += c.releasable();
   return total;
 }

@@ -131,6 +131,11 @@ class Pool : public std::enable_shared_from_this<Pool> {
   double now() const;
   size_t deflate(size_t want_bytes);
   size_t borrow(size_t want_bytes);
+  std::vector<Consumer> consumers_copy() const;
+  // Live attached tensors (those of borrowable tags only, if asked). Needs mu_.
+  std::vector<std::shared_ptr<VirtualTensor>> tensors_locked(bool borrowable_only) const;
+  // backend map + set_access, undone if access fails.
+  void map_accessible(uintptr_t addr, Handle h);
   Tier& tier(Location l) { return tiers_[static_cast<int>(l)]; }
   const Tier& tier(Location l) const { return tiers_[static_cast<int>(l)]; }
 
