@@ -71,7 +71,13 @@ class Backend {
     set_access(addr, bytes);
   }
 
-  // Copy between two mapped addresses; returns when the bytes have landed.
+  // Plain host memory the device can copy to and from (page-locked on cuda).
+  // Where host chunks cannot be mapped into a range, a borrowed chunk's bytes
+  // are parked here and its address is left unmapped until it comes back.
+  virtual uintptr_t alloc_parking(size_t bytes) = 0;
+  virtual void free_parking(uintptr_t addr, size_t bytes) = 0;
+
+  // Copy between two mapped addresses (or parking memory); returns when the bytes have landed.
   virtual void copy(uintptr_t dst, uintptr_t src, size_t bytes) = 0;
   // Wait until no queued work can still touch memory we are about to unmap.
   virtual void synchronize() = 0;

@@ -19,14 +19,14 @@ py::object oom_error, released_error, backend_error;
 
 struct View {
   std::shared_ptr<VirtualTensor> vt;  // keeps the range mapped while torch uses it
-  size_t end;
+  size_t start, end;
   std::vector<int64_t> shape;
   dlpack::ManagedTensor managed;
 };
 
 void delete_view(dlpack::ManagedTensor* m) {
   auto* v = static_cast<View*>(m->manager_ctx);
-  v->vt->drop_view(v->end);
+  v->vt->drop_view(v->start, v->end);
   delete v;
 }
 
@@ -41,9 +41,9 @@ py::capsule make_view(const std::shared_ptr<VirtualTensor>& vt, size_t offset, s
   if (__builtin_add_overflow(end, offset, &end)) throw InvalidArgument("view offset is past the address space");
   {
     py::gil_scoped_release nogil;
-    vt->add_view(end);
+    vt->add_view(offset, end);
   }
-  auto* v = new View{vt, end, std::move(shape), {}};
+  auto* v = new View{vt, offset, end, std::move(shape), {}};
   v->managed.dl_tensor = {reinterpret_cast<void*>(vt->data_ptr() + offset),
                           {device_type, device_id},
                           static_cast<int32_t>(v->shape.size()),
@@ -63,10 +63,10 @@ py::capsule make_view(const std::shared_ptr<VirtualTensor>& vt, size_t offset, s
 }
 
 std::shared_ptr<Pool> make_pool(const std::string& backend, int device, size_t budget, size_t host_budget,
-                                size_t chunk_bytes, size_t granularity) {
+                                size_t chunk_bytes, size_t granularity, bool park_host) {
   std::unique_ptr<Backend> b = make_backend(backend, device, granularity);
   if (chunk_bytes == 0) chunk_bytes = default_chunk_bytes(*b);
-  return std::make_shared<Pool>(std::move(b), chunk_bytes, budget, host_budget);
+  return std::make_shared<Pool>(std::move(b), chunk_bytes, budget, host_budget, park_host);
 }
 
 // Wraps a Python callable so copies and destruction never touch Python refcounts without the GIL.
@@ -138,8 +138,9 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<Pool, std::shared_ptr<Pool>>(m, "Pool")
       .def(py::init(&make_pool), py::arg("backend"), py::arg("device"), py::arg("budget_bytes"),
-           py::arg("host_budget_bytes"), py::arg("chunk_bytes"), py::arg("granularity"), release_gil())
+           py::arg("host_budget_bytes"), py::arg("chunk_bytes"), py::arg("granularity"), py::arg("park_host") = false, release_gil())
       .def_property_readonly("chunk_bytes", &Pool::chunk_bytes)
+      .def_property_readonly("parks_host", &Pool::parks_host)
       .def_property_readonly("backend_name", [](Pool& p) { return p.backend().name(); })
       .def_property_readonly("device", [](Pool& p) { return p.backend().device(); })
       .def_property_readonly("granularity", [](Pool& p) { return p.backend().granularity(); })

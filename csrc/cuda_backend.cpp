@@ -46,6 +46,8 @@ struct Driver {
   CUresult (*MemSetAccess)(CUdeviceptr, size_t, const CUmemAccessDesc*, size_t) = nullptr;
   CUresult (*MemUnmap)(CUdeviceptr, size_t) = nullptr;
   CUresult (*Memcpy)(CUdeviceptr, CUdeviceptr, size_t) = nullptr;
+  CUresult (*MemAllocHost)(void**, size_t) = nullptr;
+  CUresult (*MemFreeHost)(void*) = nullptr;
   CUresult (*DeviceTotalMem)(size_t*, CUdevice) = nullptr;
   CUresult (*EventCreate)(CUevent*, unsigned int) = nullptr;
   CUresult (*EventRecord)(CUevent, CUstream) = nullptr;
@@ -118,6 +120,8 @@ Driver load_driver() {
   resolve("cuMemSetAccess", d.MemSetAccess);
   resolve("cuMemUnmap", d.MemUnmap);
   resolve("cuMemcpy", d.Memcpy);
+  resolve("cuMemAllocHost", d.MemAllocHost);
+  resolve("cuMemFreeHost", d.MemFreeHost);
   resolve("cuDeviceTotalMem", d.DeviceTotalMem);
   resolve("cuEventCreate", d.EventCreate);
   resolve("cuEventRecord", d.EventRecord);
@@ -232,6 +236,17 @@ class CudaBackend final : public Backend {
 
   void unmap(uintptr_t addr, size_t bytes) override {
     in_context([&] { d_.check("cuMemUnmap", d_.MemUnmap(addr, bytes)); });
+  }
+
+  // Page-locked and, with unified addressing, a valid cuMemcpy operand.
+  uintptr_t alloc_parking(size_t bytes) override {
+    void* p = nullptr;
+    in_context([&] { d_.check("cuMemAllocHost", d_.MemAllocHost(&p, bytes)); });
+    return reinterpret_cast<uintptr_t>(p);
+  }
+
+  void free_parking(uintptr_t addr, size_t /*bytes*/) override {
+    in_context([&] { d_.check("cuMemFreeHost", d_.MemFreeHost(reinterpret_cast<void*>(addr))); });
   }
 
   // cuMemcpy between two device-mapped addresses (host-located chunks

@@ -141,6 +141,20 @@ class HostBackend final : public Backend {
     if (p == MAP_FAILED) fail("mmap(PROT_NONE unmap)", errno);
   }
 
+  uintptr_t alloc_parking(size_t bytes) override {
+    // Populated now, as chunks are committed at creation.
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    if (p == MAP_FAILED) {
+      if (errno == ENOMEM) throw PhysicalOutOfMemory(std::string("host backend: mmap(parking): ") + std::strerror(errno));
+      fail("mmap(parking)", errno);
+    }
+    return reinterpret_cast<uintptr_t>(p);
+  }
+
+  void free_parking(uintptr_t addr, size_t bytes) override {
+    if (munmap(reinterpret_cast<void*>(addr), bytes) != 0) fail("munmap(parking)", errno);
+  }
+
   void copy(uintptr_t dst, uintptr_t src, size_t bytes) override {
     // Copies go into fresh mappings (a move's staging range): fault the page
     // tables in at once rather than page by page. Older kernels lack it; harmless.

@@ -23,28 +23,39 @@ Tag parse_tag(const std::string& name) {
 
 const char* location_name(Location l) { return l == Location::Device ? "device" : "host"; }
 
-Pool::Pool(std::unique_ptr<Backend> backend, size_t chunk_bytes, size_t budget_bytes, size_t host_budget_bytes)
+Pool::Pool(std::unique_ptr<Backend> backend, size_t chunk_bytes, size_t budget_bytes, size_t host_budget_bytes,
+           bool park_host)
     : backend_(std::move(backend)),
       chunk_bytes_(chunk_bytes),
       budget_(budget_bytes),
       host_budget_(host_budget_bytes),
+      parks_host_(park_host || !backend_->capabilities().host_chunks),
       start_(std::chrono::steady_clock::now()) {
   size_t g = backend_->granularity();
   if (chunk_bytes == 0 || chunk_bytes % g != 0)
     throw InvalidArgument("chunk_bytes must be a positive multiple of the backend granularity (" +
                           format_bytes(g) + "), got " + std::to_string(chunk_bytes));
   staging_ = backend_->reserve(chunk_bytes_);
-  host_chunks_ = backend_->capabilities().host_chunks;
 }
 
 Pool::~Pool() {
   for (auto l : {Location::Device, Location::Host}) {
     Tier& t = tier(l);
-    for (Handle h : t.cached) backend_->release_chunk(h, chunk_bytes_, l);
+    for (Handle h : t.cached) drop_chunk(h, l);
     if (t.live)
       std::fprintf(stderr, "torch_ellm: pool destroyed with %zu %s chunks still live\n", t.live, location_name(l));
   }
   backend_->free_range(staging_, chunk_bytes_);
+}
+
+Handle Pool::new_chunk(Location where) {
+  if (where == Location::Host && parks_host_) return backend_->alloc_parking(chunk_bytes_);
+  return backend_->create_chunk(chunk_bytes_, where);
+}
+
+void Pool::drop_chunk(Handle h, Location where) {
+  if (where == Location::Host && parks_host_) return backend_->free_parking(h, chunk_bytes_);
+  backend_->release_chunk(h, chunk_bytes_, where);
 }
 
 double Pool::now() const {
@@ -82,7 +93,7 @@ bool Pool::take_locked(size_t n, Location where, Tag tag, std::vector<Chunk>& ou
     t.cached.pop_back();
   }
   try {
-    while (out.size() < n) out.push_back({backend_->create_chunk(chunk_bytes_, where), where});
+    while (out.size() < n) out.push_back({new_chunk(where), where});
   } catch (const PhysicalOutOfMemory&) {
     // The device is fuller than our budget thinks (another process, say):
     // keep what we made for later and report a shortfall like any other.
@@ -168,7 +179,7 @@ void Pool::release_excess_locked() {
   for (auto l : {Location::Device, Location::Host}) {
     Tier& t = tier(l);
     while (!t.cached.empty() && t.physical() > limit_locked(l, Tag::Activations)) {
-      backend_->release_chunk(t.cached.back(), chunk_bytes_, l);
+      drop_chunk(t.cached.back(), l);
       t.cached.pop_back();
     }
   }
@@ -207,12 +218,38 @@ void Pool::unmap(uintptr_t addr, const std::vector<Chunk>& chunks) {
   if (chunks.empty()) return;
   // The driver's unmap does not wait for kernels that may still touch the range.
   backend_->synchronize();
-  backend_->unmap(addr, chunks.size() * chunk_bytes_);
+  // Parked chunks have nothing mapped: unmap the runs between them.
+  for (size_t i = 0; i < chunks.size();) {
+    size_t j = i;
+    while (j < chunks.size() && !parked(chunks[j])) ++j;
+    if (j > i) backend_->unmap(addr + i * chunk_bytes_, (j - i) * chunk_bytes_);
+    i = j + 1;
+  }
   std::lock_guard<std::mutex> lock(mu_);
-  for (const Chunk& c : chunks) tier(c.where).mapped -= 1;
+  for (const Chunk& c : chunks)
+    if (!parked(c)) tier(c.where).mapped -= 1;
 }
 
 void Pool::migrate(uintptr_t addr, const Chunk& from, const Chunk& to) {
+  if (parked(to)) {
+    backend_->copy(to.handle, addr, chunk_bytes_);
+    backend_->unmap(addr, chunk_bytes_);
+    std::lock_guard<std::mutex> lock(mu_);
+    tier(from.where).mapped -= 1;
+    return;
+  }
+  if (parked(from)) {
+    map_accessible(addr, to.handle);
+    try {
+      backend_->copy(addr, from.handle, chunk_bytes_);
+    } catch (...) {
+      backend_->unmap(addr, chunk_bytes_);
+      throw;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    tier(to.where).mapped += 1;
+    return;
+  }
   {
     std::lock_guard<std::mutex> lock(staging_mu_);
     map_accessible(staging_, to.handle);
@@ -248,7 +285,7 @@ size_t Pool::trim() {
   size_t freed = 0;
   for (auto l : {Location::Device, Location::Host}) {
     Tier& t = tier(l);
-    for (Handle h : t.cached) backend_->release_chunk(h, chunk_bytes_, l);
+    for (Handle h : t.cached) drop_chunk(h, l);
     freed += t.cached.size() * chunk_bytes_;
     t.cached.clear();
   }
@@ -297,8 +334,9 @@ size_t Pool::borrow(size_t want) {
   std::vector<std::shared_ptr<VirtualTensor>> victims;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    // Without host-located chunks (an older driver) there is nothing to borrow into.
-    if (host_budget_ < chunk_bytes_ || !host_chunks_) return 0;
+    // A parked range is unmapped: only its owner knows when that is safe
+    // (offload), and it must prefetch before use, so the pool never parks.
+    if (host_budget_ < chunk_bytes_ || parks_host_) return 0;
     victims = tensors_locked(true);
   }
   // Coldest first: the tensor touched longest ago gives its memory.
@@ -451,6 +489,7 @@ std::map<std::string, double> Pool::stats() const {
       {"host_cached_bytes", b(h.cached.size())},
       {"mapped_host_bytes", b(h.mapped)},
       {"virtual_tensors", static_cast<double>(tensors_.size())},
+      {"parks_host", parks_host_ ? 1.0 : 0.0},
       {"num_ooms", 0}, {"num_deflations", 0}, {"num_borrows", 0}, {"num_returns", 0},
       {"borrowed_bytes_total", 0},
   };

@@ -63,11 +63,18 @@ class VirtualTensor;
 
 class Pool : public std::enable_shared_from_this<Pool> {
  public:
-  Pool(std::unique_ptr<Backend> backend, size_t chunk_bytes, size_t budget_bytes, size_t host_budget_bytes);
+  // park_host: keep borrowed bytes in parking memory with their address unmapped
+  // even if the backend could map host chunks (the fallback, forced; for tests).
+  Pool(std::unique_ptr<Backend> backend, size_t chunk_bytes, size_t budget_bytes, size_t host_budget_bytes,
+       bool park_host = false);
   ~Pool();
 
   Backend& backend() { return *backend_; }
   size_t chunk_bytes() const { return chunk_bytes_; }
+  // Host-tier chunks are parked (copied out, address unmapped) rather than
+  // mapped: the backend has no host-located chunks, or park_host was asked.
+  bool parks_host() const { return parks_host_; }
+  bool parked(const Chunk& c) const { return parks_host_ && c.where == Location::Host; }
 
   // All or nothing: n chunks of the tier, counted under tag. On the device
   // tier a shortfall frees the cache, asks consumers, then borrows host memory.
@@ -85,7 +92,8 @@ class Pool : public std::enable_shared_from_this<Pool> {
   void synchronize() { backend_->synchronize(); }
   void grant_access(uintptr_t addr, size_t bytes, int peer) { backend_->grant_access(addr, bytes, peer); }
   // Move the bytes at addr onto chunk `to`, remapping addr there: the address
-  // keeps its contents and stays valid; `from` is left unmapped.
+  // keeps its contents and stays valid; `from` is left unmapped. A parked `to`
+  // takes the bytes and leaves addr unmapped; a parked `from` gives them back.
   void migrate(uintptr_t addr, const Chunk& from, const Chunk& to);
 
   size_t trim();
@@ -136,6 +144,8 @@ class Pool : public std::enable_shared_from_this<Pool> {
   std::vector<std::shared_ptr<VirtualTensor>> tensors_locked(bool borrowable_only) const;
   // backend map + set_access, undone if access fails.
   void map_accessible(uintptr_t addr, Handle h);
+  Handle new_chunk(Location where);
+  void drop_chunk(Handle h, Location where);
   Tier& tier(Location l) { return tiers_[static_cast<int>(l)]; }
   const Tier& tier(Location l) const { return tiers_[static_cast<int>(l)]; }
 
@@ -147,7 +157,7 @@ class Pool : public std::enable_shared_from_this<Pool> {
   std::mutex budget_mu_;           // one set_budget() at a time
   Tier tiers_[2];
   size_t reserved_bytes_ = 0;
-  bool host_chunks_ = false;  // the backend can place chunks in host memory
+  const bool parks_host_;
   Policy policy_;
   std::deque<Event> events_;
   size_t event_capacity_ = 1 << 16;

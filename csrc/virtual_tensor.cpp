@@ -98,13 +98,7 @@ void VirtualTensor::resize_locked(size_t nbytes) {
     chunks_.insert(chunks_.end(), fresh.begin(), fresh.end());
     grant_peers_locked(have, fresh.size());
   } else if (need < have) {
-    {
-      std::lock_guard<std::mutex> views(views_mu_);
-      if (!view_ends_.empty() && *view_ends_.rbegin() > need * chunk_)
-        throw InvalidArgument("cannot shrink a VirtualTensor to " + std::to_string(nbytes) +
-                              " bytes: a live tensor view reaches byte " + std::to_string(*view_ends_.rbegin()) +
-                              "; drop the view first");
-    }
+    check_no_view(need * chunk_, SIZE_MAX, "shrink a VirtualTensor");
     std::vector<Chunk> tail(chunks_.begin() + need, chunks_.end());
     pool_->unmap(base_ + need * chunk_, tail);
     chunks_.resize(need);
@@ -123,8 +117,8 @@ void VirtualTensor::release() {
 void VirtualTensor::release_locked() {
   {
     std::lock_guard<std::mutex> views(views_mu_);
-    if (!view_ends_.empty())
-      throw InvalidArgument("cannot release a VirtualTensor while " + std::to_string(view_ends_.size()) +
+    if (!views_.empty())
+      throw InvalidArgument("cannot release a VirtualTensor while " + std::to_string(views_.size()) +
                             " tensor view(s) of it are alive; delete them first");
   }
   pool_->unmap(base_, chunks_);
@@ -141,6 +135,8 @@ size_t VirtualTensor::move_locked(size_t first, size_t last, Location to, bool m
   for (size_t i = first; i < last; ++i)
     if (chunks_[i].where != to) idx.push_back(i);
   if (idx.empty()) return 0;
+  if (to == Location::Host && pool_->parks_host())  // a view of an unmapped range would fault
+    check_no_view(idx.front() * chunk_, (idx.back() + 1) * chunk_, "park (offload) bytes");
   std::vector<Chunk> fresh = pool_->acquire(idx.size(), to, tag_, may_deflate);
   std::vector<Chunk> old;
   size_t done = 0;
@@ -197,9 +193,26 @@ void VirtualTensor::grant_access(int peer_device) {
 }
 
 // A remap loses per-range access: give it again to every peer.
+// Parked chunks are unmapped: grant the mapped runs between them.
 void VirtualTensor::grant_peers_locked(size_t first, size_t count) {
-  if (count == 0) return;
-  for (int peer : peers_) pool_->grant_access(base_ + first * chunk_, count * chunk_, peer);
+  if (peers_.empty()) return;
+  for (size_t i = first, end = first + count; i < end;) {
+    size_t j = i;
+    while (j < end && !pool_->parked(chunks_[j])) ++j;
+    if (j > i)
+      for (int peer : peers_) pool_->grant_access(base_ + i * chunk_, (j - i) * chunk_, peer);
+    i = j + 1;
+  }
+}
+
+void VirtualTensor::check_no_view(size_t start, size_t end, const char* action) const {
+  std::lock_guard<std::mutex> views(views_mu_);
+  for (auto& v : views_)
+    if (v.first < end && start < v.second)
+      throw InvalidArgument("cannot " + std::string(action) + " at bytes [" + std::to_string(start) + ", " +
+                            (end == SIZE_MAX ? std::string("end") : std::to_string(end)) +
+                            "): a live tensor view covers bytes [" + std::to_string(v.first) + ", " +
+                            std::to_string(v.second) + "); delete the view first");
 }
 
 void VirtualTensor::pin() {
@@ -237,26 +250,30 @@ size_t VirtualTensor::borrow_from(size_t want) { return move_front((want + chunk
 
 size_t VirtualTensor::give_back() { return move_front(SIZE_MAX, Location::Device); }
 
-void VirtualTensor::add_view(size_t end) {
+void VirtualTensor::add_view(size_t start, size_t end) {
   std::lock_guard<OwnedMutex> lock(mu_);
   check_live();
-  if (end > chunks_.size() * chunk_)
-    throw InvalidArgument("a view ending at byte " + std::to_string(end) + " is past the mapped " +
-                          std::to_string(chunks_.size() * chunk_) + " bytes; resize() first");
+  if (start > end || end > chunks_.size() * chunk_)
+    throw InvalidArgument("a view of bytes [" + std::to_string(start) + ", " + std::to_string(end) +
+                          ") is past the mapped " + std::to_string(chunks_.size() * chunk_) + " bytes; resize() first");
+  for (size_t i = start / chunk_; i * chunk_ < end; ++i)
+    if (pool_->parked(chunks_[i]))
+      throw InvalidArgument("a view of bytes [" + std::to_string(start) + ", " + std::to_string(end) +
+                            ") covers chunk " + std::to_string(i) + ", parked in host memory and unmapped; prefetch() it first");
   std::lock_guard<std::mutex> views(views_mu_);
-  view_ends_.insert(end);
+  views_.insert({start, end});
   touch();
 }
 
-void VirtualTensor::drop_view(size_t end) {
+void VirtualTensor::drop_view(size_t start, size_t end) {
   std::lock_guard<std::mutex> views(views_mu_);
-  auto it = view_ends_.find(end);
-  if (it != view_ends_.end()) view_ends_.erase(it);
+  auto it = views_.find({start, end});
+  if (it != views_.end()) views_.erase(it);
 }
 
 size_t VirtualTensor::live_views() const {
   std::lock_guard<std::mutex> views(views_mu_);
-  return view_ends_.size();
+  return views_.size();
 }
 
 }  // namespace ellm

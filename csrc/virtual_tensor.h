@@ -63,6 +63,7 @@ class VirtualTensor : public std::enable_shared_from_this<VirtualTensor> {
   std::vector<Location> chunk_locations() const;
 
   // Move [start, end) to host chunks / back to device chunks, same address.
+  // Where the pool parks host chunks, offloaded bytes are unmapped until prefetched.
   size_t offload(size_t start, size_t end);
   size_t prefetch(size_t start, size_t end);
   // Let another device use the range; re-applied whenever chunks are mapped or moved.
@@ -72,9 +73,9 @@ class VirtualTensor : public std::enable_shared_from_this<VirtualTensor> {
   void pin();
   void unpin();
 
-  // Live torch views: a view keeps its bytes mapped until it is freed.
-  void add_view(size_t end);
-  void drop_view(size_t end);
+  // Live torch views of [start, end): a view keeps its bytes mapped until it is freed.
+  void add_view(size_t start, size_t end);
+  void drop_view(size_t start, size_t end);
   size_t live_views() const;
 
   // Called by the pool: move up to `want` bytes of this tensor's coldest
@@ -88,6 +89,8 @@ class VirtualTensor : public std::enable_shared_from_this<VirtualTensor> {
   void check_live() const;
   void resize_locked(size_t nbytes);
   void grant_peers_locked(size_t first, size_t count);
+  // Throws unless no live view overlaps bytes [start, end).
+  void check_no_view(size_t start, size_t end, const char* action) const;
   void touch();
   size_t move_locked(size_t first, size_t last, Location to, bool may_deflate);
   size_t move_front(size_t count, Location to);
@@ -106,7 +109,7 @@ class VirtualTensor : public std::enable_shared_from_this<VirtualTensor> {
   std::atomic<int> pins_{0};
   std::atomic<double> last_use_{0};
   mutable std::mutex views_mu_;
-  std::multiset<size_t> view_ends_;
+  std::multiset<std::pair<size_t, size_t>> views_;  // [start, end) of each live view
 };
 
 }  // namespace ellm

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import torch_ellm
-from vt_helpers import (THREADED, KiB, Mirror, check_empty, check_limits, check_totals, create_or_step,
+from vt_helpers import (THREADED, KiB, Mirror, assert_unmapped, check_empty, check_limits, check_totals, create_or_step,
                         limit_violations, play, run_isolated, thread_rounds)
 
 C = 4 * KiB
@@ -16,9 +16,9 @@ MAX_BUDGET_CHUNKS = 32
 TAG_MIX = ("kv", "kv", "kv", "other", "weights")  # mostly borrowable, some not
 
 
-def elastic_pool(budget_chunks=8, host_budget_chunks=8, chunk=C):
+def elastic_pool(budget_chunks=8, host_budget_chunks=8, chunk=C, host_tier="auto"):
     return torch_ellm.Pool("host", budget_bytes=budget_chunks * chunk, host_budget_bytes=host_budget_chunks * chunk,
-                           chunk_bytes=chunk)
+                           chunk_bytes=chunk, host_tier=host_tier)
 
 
 def filled(pool, nbytes, tag="kv", seed=0, max_bytes=None):
@@ -56,9 +56,10 @@ def elastic_step(pool, row, op, gen):
 @THREADED
 @given(rounds=thread_rounds(["resize", "resize", "write", "release", "budget", "offload", "prefetch", "return"], max_rounds=12),
        chunk=st.sampled_from([4 * KiB, 16 * KiB, 64 * KiB]), budget_chunks=st.integers(2, 24),
-       host_budget_chunks=st.integers(0, 16))
-def test_random_elastic_sequences_keep_bytes_addresses_and_budgets(rounds, chunk, budget_chunks, host_budget_chunks):
-    pool = elastic_pool(budget_chunks, host_budget_chunks, chunk)
+       host_budget_chunks=st.integers(0, 16), host_tier=st.sampled_from(["mapped", "parked"]))
+def test_random_elastic_sequences_keep_bytes_addresses_and_budgets(rounds, chunk, budget_chunks, host_budget_chunks,
+                                                                   host_tier):
+    pool = elastic_pool(budget_chunks, host_budget_chunks, chunk, host_tier)
     gens = [torch.Generator().manual_seed(t) for t in range(len(rounds))]
     play(pool, rounds, lambda t, row, op: elastic_step(pool, row, op, gens[t]))
 
@@ -126,8 +127,9 @@ def test_weights_and_activations_are_not_borrowed_by_default(tag):
         m.check()
 
 
-def test_offload_and_prefetch_keep_address_and_bytes():
-    pool = elastic_pool(budget_chunks=8, host_budget_chunks=2)
+@pytest.mark.parametrize("host_tier", ["mapped", "parked"])
+def test_offload_and_prefetch_keep_address_and_bytes(host_tier):
+    pool = elastic_pool(budget_chunks=8, host_budget_chunks=2, host_tier=host_tier)
     m = filled(pool, 4 * C - 7)
     assert m.vt.offload(C + 1, C + 2) == C  # whole chunks: the one holding the range
     assert m.vt.chunk_locations() == ["device", "host", "device", "device"]
@@ -143,6 +145,75 @@ def test_offload_and_prefetch_keep_address_and_bytes():
     m.check()
     m.release()
     check_empty(pool)
+
+
+# ---------------------------------------------------------------- parked host tier (no host-located chunks)
+
+
+def test_parked_chunks_are_unmapped_until_prefetched():
+    pool = elastic_pool(budget_chunks=8, host_budget_chunks=4, host_tier="parked")
+    assert pool.host_tier == "parked"
+    m = filled(pool, 4 * C)
+    assert m.vt.offload(C, 3 * C) == 2 * C
+    assert m.vt.chunk_locations() == ["device", "host", "host", "device"]
+    assert_unmapped(m.ptr + C, m.ptr + 3 * C)
+    s = pool.stats()
+    assert (s["borrowed_bytes"], s["mapped_host_bytes"], s["device_bytes"], s["parks_host"]) == (2 * C, 0, 2 * C, 1)
+    with pytest.raises(ValueError, match="parked"):
+        m.vt.as_tensor(2 * C, torch.uint8)  # would reach the unmapped chunk 1
+    m.vt.as_tensor(C, torch.uint8, offset=3 * C)  # the device chunks stay usable
+    assert m.vt.prefetch(C, 2 * C) == C
+    m.check()  # chunk 1 back with its bytes, chunk 2 still unmapped
+    assert_unmapped(m.ptr + 2 * C, m.ptr + 3 * C)
+    m.resize(C + 5, torch.Generator())  # shrinking over a parked chunk unmaps only what is mapped
+    m.check()
+    assert pool.borrowed_bytes == 0
+    m.release()
+    check_empty(pool)
+
+
+def test_parking_under_a_live_view_is_refused():
+    pool = elastic_pool(host_tier="parked")
+    m = filled(pool, 3 * C)
+    view = m.vt.as_tensor(C, torch.uint8, offset=C)
+    with pytest.raises(ValueError, match="live tensor view"):
+        m.vt.offload(0, 3 * C)
+    assert m.vt.chunk_locations() == ["device"] * 3 and pool.borrowed_bytes == 0
+    assert m.vt.offload(2 * C, 3 * C) == C  # beside the view is fine
+    del view
+    assert m.vt.offload() == C + C
+    m.vt.prefetch()
+    m.check()
+    m.release()
+    check_empty(pool)
+
+
+def test_parked_pool_never_borrows_on_its_own():
+    """Only the owner knows when its range may be unmapped: under pressure a parked pool fails
+    rather than park, where a mapped one borrows."""
+    for host_tier, borrows in (("mapped", True), ("parked", False)):
+        pool = elastic_pool(budget_chunks=4, host_budget_chunks=4, host_tier=host_tier)
+        kv = filled(pool, 3 * C)
+        other = pool.virtual_tensor(2 * C)
+        if borrows:
+            other.resize(2 * C)
+            assert pool.borrowed_bytes == C
+        else:
+            with pytest.raises(torch_ellm.OutOfMemoryError):
+                other.resize(2 * C)
+            with pytest.raises(torch_ellm.OutOfMemoryError):
+                pool.set_budget(2 * C)
+            assert pool.budget_bytes == 4 * C and pool.borrowed_bytes == 0
+        kv.check()
+        kv.release()
+        other.release()
+        check_empty(pool)
+
+
+def test_host_tier_is_validated():
+    with pytest.raises(ValueError, match="host_tier"):
+        torch_ellm.Pool("host", budget_bytes=4 * C, chunk_bytes=C, host_tier="swap")
+    assert elastic_pool(host_tier="mapped").host_tier == elastic_pool().host_tier == "mapped"
 
 
 # ---------------------------------------------------------------- consumers

@@ -44,29 +44,66 @@ class Mirror:
         if nbytes > old:
             self.write(old, nbytes, gen)
 
+    def _spans(self, start, end):
+        """[start, end) cut at chunk boundaries into (begin, stop, parked) pieces, merged while alike.
+        Parked chunks (pool.host_tier 'parked') are unmapped: no view may touch them."""
+        chunk, parked_pool = self.vt.pool.chunk_bytes, self.vt.pool.host_tier == "parked"
+        where = self.vt.chunk_locations()
+        spans, pos = [], start
+        while pos < end:
+            stop = min(pos - pos % chunk + chunk, end)
+            parked = parked_pool and where[pos // chunk] == "host"
+            if spans and spans[-1][2] == parked:
+                spans[-1] = (spans[-1][0], stop, parked)
+            else:
+                spans.append((pos, stop, parked))
+            pos = stop
+        return spans
+
     def write(self, start, end, gen):
-        """Random bytes into [start, end), through a torch view of the virtual tensor."""
+        """Random bytes into [start, end), through torch views of the virtual tensor. Parked chunks are
+        prefetched first; any still parked (no device room) are left as they were."""
         data = torch.randint(0, 256, (end - start,), dtype=torch.uint8, generator=gen)
         with self.vt.pinned():
-            view = self.vt.as_tensor(self.nbytes, torch.uint8)
-            view[start:end] = data
-            del view  # a live view would block a later shrink or release
-        self.expected[start:end] = data
+            if self.vt.pool.host_tier == "parked":
+                try:
+                    self.vt.prefetch(start - start % self.vt.pool.chunk_bytes, end)
+                except torch_ellm.OutOfMemoryError:
+                    pass
+            for begin, stop, parked in self._spans(start, end):
+                if not parked:
+                    view = self.vt.as_tensor(stop - begin, torch.uint8, offset=begin)
+                    view[:] = data[begin - start:stop - start]
+                    del view  # a live view would block a later shrink, park or release
+                    self.expected[begin:stop] = data[begin - start:stop - start]
 
     def check(self):
-        """Bytes, address and mapping agree with what we expect."""
+        """Bytes, address and mapping agree with what we expect; parked chunks are unmapped."""
         assert self.vt.data_ptr() == self.ptr, "a live virtual tensor moved"
         assert self.vt.nbytes == self.nbytes
         chunk = self.vt.pool.chunk_bytes
         assert self.vt.mapped_bytes == -(-self.nbytes // chunk) * chunk
         with self.vt.pinned():
-            view = self.vt.as_tensor(self.nbytes, torch.uint8)
-            bad = (view != self.expected).nonzero()
-            del view
-        assert bad.numel() == 0, f"{bad.numel()} bytes changed, first at offset {int(bad[0])}"
+            for begin, stop, parked in self._spans(0, self.nbytes):
+                if parked:
+                    assert_unmapped(self.ptr + begin, self.ptr + stop)
+                    continue
+                view = self.vt.as_tensor(stop - begin, torch.uint8, offset=begin)
+                bad = (view != self.expected[begin:stop]).nonzero()
+                del view
+                assert bad.numel() == 0, f"{bad.numel()} bytes changed, first at offset {begin + int(bad[0])}"
 
     def release(self):
         self.vt.release()
+
+
+def assert_unmapped(start, end):
+    """No access is allowed anywhere in [start, end) (Linux: every mapping there is PROT_NONE)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo < end and start < hi:
+                assert line.split()[1].startswith("---"), f"[{start:#x}, {end:#x}) is accessible: {line.strip()}"
 
 
 def check_no_overlap(mirrors):
@@ -82,8 +119,9 @@ def check_totals(pool, mirrors):
     s = pool.stats()
     mapped = sum(m.vt.mapped_bytes for m in mirrors)
     on_host = sum(m.vt.host_bytes for m in mirrors)
-    assert s["mapped_device_bytes"] + s["mapped_host_bytes"] == mapped
-    assert s["mapped_host_bytes"] == s["borrowed_bytes"] == on_host
+    assert s["mapped_device_bytes"] + s["mapped_host_bytes"] == mapped - (on_host if pool.host_tier == "parked" else 0)
+    assert s["borrowed_bytes"] == on_host
+    assert s["mapped_host_bytes"] == (0 if pool.host_tier == "parked" else on_host)
     assert s["mapped_device_bytes"] == s["device_bytes"] == mapped - on_host
     assert s["reserved_address_bytes"] == sum(m.vt.max_bytes for m in mirrors)
     assert s["virtual_tensors"] == len(mirrors)
@@ -211,6 +249,10 @@ def play(pool, rounds, step_op):
     with Monitor(pool) as monitor:
         run_rounds(rounds, lambda t, op: step_op(t, slots[t], op), check)
     assert not monitor.violations, monitor.violations[:5]
+    if pool.host_tier == "parked":  # bring every parked byte back to check it
+        pool.set_budget(pool.budget_bytes + pool.host_budget_bytes)
+        for m in live():
+            m.vt.prefetch()
     for m in live():
         m.check()
         m.release()

@@ -38,12 +38,21 @@ class Pool:
     backend="host" runs on CPU memory (mmap + memfd); backend="cuda" on a GPU through the CUDA
     driver's virtual memory API. chunk_bytes is the unit of mapping (2 MiB default); on host,
     granularity (4 KiB to 2 MiB, default min(chunk_bytes, 2 MiB)) is the backend's page.
+
+    host_tier says how borrowed bytes live in host memory. "mapped": a host-located chunk is mapped
+    at the same address, so the device keeps reading and writing it, and the pool borrows on its own
+    under pressure. "parked": the bytes are copied to plain host memory and the address is left
+    unmapped until prefetch(); only the owner's offload() parks, and the owner must prefetch before
+    use. "auto" (default) is "mapped" where the backend supports it (CUDA devices reporting host
+    VMM support, and the host backend) and "parked" elsewhere.
     """
 
     def __init__(self, backend="host", device=0, budget_bytes=None, host_budget_bytes=0, chunk_bytes=None,
-                 granularity=None):
+                 granularity=None, host_tier="auto"):
         if backend not in ("host", "cuda"):
             raise ValueError(f"unknown backend {backend!r}: expected 'host' or 'cuda'")
+        if host_tier not in ("auto", "mapped", "parked"):
+            raise ValueError(f"unknown host_tier {host_tier!r}: expected 'auto', 'mapped' or 'parked'")
         if isinstance(device, torch.device):
             device = device.index or 0
         if not isinstance(device, int) or device < 0:
@@ -58,7 +67,11 @@ class Pool:
         if budget_bytes is None:
             budget_bytes = _default_budget(backend, device)
         self._pool = _C.Pool(backend, device, parse_bytes(budget_bytes, "budget_bytes"),
-                             parse_bytes(host_budget_bytes, "host_budget_bytes"), chunk, granularity)
+                             parse_bytes(host_budget_bytes, "host_budget_bytes"), chunk, granularity,
+                             host_tier == "parked")
+        if host_tier == "mapped" and self._pool.parks_host:
+            raise ValueError(f"host_tier='mapped' needs host-located chunks, which {backend} device {device} "
+                             "does not support; use host_tier='auto' or 'parked'")
         self.backend = backend
         self.device = torch.device("cpu") if backend == "host" else torch.device("cuda", device)
 
@@ -82,6 +95,11 @@ class Pool:
     @property
     def host_budget_bytes(self):
         return self._pool.host_budget_bytes
+
+    @property
+    def host_tier(self):
+        """'mapped' or 'parked': see the class docstring."""
+        return "parked" if self._pool.parks_host else "mapped"
 
     @property
     def borrowed_bytes(self):
@@ -251,7 +269,8 @@ class VirtualTensor:
         return torch.utils.dlpack.from_dlpack(capsule)
 
     def offload(self, start=0, end=None):
-        """Move bytes [start, end) (whole chunks) to host memory at the same address; returns bytes moved."""
+        """Move bytes [start, end) (whole chunks) to host memory at the same address; returns bytes moved.
+        With pool.host_tier 'parked' the range is unmapped until prefetch(): no view may cover it."""
         return self._vt.offload(start, self.mapped_bytes if end is None else end)
 
     def prefetch(self, start=0, end=None):

@@ -123,6 +123,25 @@ def test_offloaded_chunk_is_read_and_written_by_kernels(pool):
     expect_empty(pool)
 
 
+def test_parked_fallback_copies_out_and_back():
+    """host_tier='parked' is what devices without host-located chunks get: forced here so every GPU runs it."""
+    pool = torch_ellm.Pool("cuda", device=0, budget_bytes=64 * MiB, host_budget_bytes=32 * MiB, host_tier="parked")
+    chunk = pool.chunk_bytes
+    vt, view, before = filled(pool, 4)
+    del view  # a live view would refuse the park
+    assert vt.offload(chunk, 3 * chunk) == 2 * chunk
+    assert vt.chunk_locations() == ["device", "host", "host", "device"]
+    s = pool.stats()
+    assert (s["borrowed_bytes"], s["mapped_host_bytes"], s["device_bytes"]) == (2 * chunk, 0, 2 * chunk)
+    with pytest.raises(ValueError, match="parked"):
+        floats(vt, 4 * chunk)
+    assert vt.prefetch() == 2 * chunk
+    assert torch.equal(floats(vt, 4 * chunk), before)
+    vt.release()
+    expect_empty(pool)
+    pool.trim()
+
+
 def test_budget_oom_and_borrowing_on_cuda(pool):
     require_host_chunks(pool)
     chunk = pool.chunk_bytes
