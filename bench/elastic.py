@@ -1,7 +1,8 @@
 """Benchmark of elastic memory (issue 4): deflate/inflate throughput and what a request waits.
 
 - deflate / inflate: a kv virtual tensor of 512 MiB (128 MiB with --quick), 2 MiB chunks, moved to
-  host memory and back at the same address, explicitly (offload / prefetch) and by the pool
+  host memory and back at the same address, explicitly (offload / prefetch, on the mapped host tier
+  and on the parked fallback, which copies out and unmaps) and by the pool
   (set_budget(0) borrows, return_borrowed gives back): GB/s and microseconds per chunk, against a
   plain copy of the same bytes in the same run (host: torch copy_ between two CPU buffers, i.e.
   memcpy; cuda: device-to-host and host-to-device copies with pinned memory).
@@ -27,14 +28,25 @@ def filled(p, nbytes, tag="kv"):
     return vt
 
 
-def moves(device, size, repeats):
-    """Median seconds for: offload, prefetch, borrow via set_budget(0), return_borrowed."""
-    p = pool(device, budget=size, host_budget=size)
+def offload_prefetch(p, size, repeats, label=""):
+    """Median seconds of vt.offload() and vt.prefetch() of a `size` kv tensor in pool p."""
     vt = filled(p, size)
-    out = {
-        "offload": median_time(device, vt.offload, repeats, setup=lambda: vt.prefetch()),
-        "prefetch": median_time(device, vt.prefetch, repeats, setup=lambda: vt.offload()),
-    }
+    device = "cpu" if p.backend == "host" else "cuda"
+    out = {f"offload{label}": median_time(device, vt.offload, repeats, setup=lambda: vt.prefetch()),
+           f"prefetch{label}": median_time(device, vt.prefetch, repeats, setup=lambda: vt.offload())}
+    vt.release()
+    return out
+
+
+def moves(device, size, repeats):
+    """Median seconds for: offload, prefetch (mapped host tier where the backend has one, then the
+    parked fallback), borrow via set_budget(0), return_borrowed."""
+    p = pool(device, budget=size, host_budget=size)
+    out = offload_prefetch(p, size, repeats, f" ({p.host_tier})")
+    if p.host_tier == "mapped":
+        out.update(offload_prefetch(pool(device, budget=size, host_budget=size, host_tier="parked"), size, repeats,
+                                    " (parked)"))
+    vt = filled(p, size)
 
     def restore():
         p.set_budget(size)

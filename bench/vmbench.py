@@ -54,8 +54,9 @@ def median_time(device, fn, repeats, setup=None):
     return statistics.median(times)
 
 
-def pool(device, budget, host_budget=0, chunk=2 * MiB):
-    return torch_ellm.Pool(backend_of(device), budget_bytes=budget, host_budget_bytes=host_budget, chunk_bytes=chunk)
+def pool(device, budget, host_budget=0, chunk=2 * MiB, host_tier="auto"):
+    return torch_ellm.Pool(backend_of(device), budget_bytes=budget, host_budget_bytes=host_budget, chunk_bytes=chunk,
+                           host_tier=host_tier)
 
 
 def print_table(title, header, rows):
