@@ -1,23 +1,32 @@
 """Hands out KV blocks by index, lowest free index first, so that used blocks gather at the front
-of each layer's virtual tensor and its tail can be unmapped."""
+of each layer's virtual tensor and its tail can be unmapped.
+
+Prefix caching: a full block whose K/V are written is known by its key, (chain hash of the blocks
+before it, its token ids), and a sequence starting with the same tokens reuses it in place. Blocks
+count their users; one freed by its last user stays free (lowest first, and out of the high water,
+so it never keeps the KV tail mapped) but keeps its key and contents until it is handed out anew or
+its chunk is unmapped."""
 import heapq
 
 
 class BlockManager:
-    def __init__(self, block_size, max_blocks):
+    def __init__(self, block_size, max_blocks, prefix_caching=False):
         self.block_size = block_size
         self.max_blocks = max_blocks
+        self.prefix_caching = prefix_caching
         self._free = list(range(max_blocks))  # a heap: already sorted
-        self._used = set()
+        self._refs = {}  # block in use -> how many sequences hold it
+        self._cached = {}  # key -> the block holding its K/V (in use or free)
+        self._key_of = {}  # block -> its key in _cached
 
     @property
     def num_used(self):
-        return len(self._used)
+        return len(self._refs)
 
     @property
     def high_water(self):
         """One past the highest block in use: the KV cache must map at least this many blocks."""
-        return max(self._used) + 1 if self._used else 0
+        return max(self._refs) + 1 if self._refs else 0
 
     def blocks_for(self, num_tokens):
         return -(-num_tokens // self.block_size)
@@ -37,11 +46,59 @@ class BlockManager:
             raise RuntimeError(f"no free KV block: {need} wanted, {len(self._free)} free")
         for _ in range(need):
             block = heapq.heappop(self._free)
-            self._used.add(block)
+            key = self._key_of.pop(block, None)
+            if key is not None:  # its K/V are about to be overwritten
+                del self._cached[key]
+            self._refs[block] = 1
             seq.block_table.append(block)
 
     def free(self, seq):
+        """Drop seq's blocks; those it was the last user of become free, cached ones still findable."""
         for block in seq.block_table:
-            self._used.remove(block)
-            heapq.heappush(self._free, block)
-        seq.block_table = []
+            self._refs[block] -= 1
+            if not self._refs[block]:
+                del self._refs[block]
+                heapq.heappush(self._free, block)
+        seq.block_table, seq.block_hashes = [], []
+
+    def _key(self, seq, i):
+        """Block i of seq's tokens as the cache knows it. The dict compares the token ids too, so only
+        the earlier blocks are matched by hash alone."""
+        parent = seq.block_hashes[i - 1] if i else None
+        return parent, tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+
+    def take_cached(self, seq):
+        """On admission (seq holds no block): attach the cached blocks of seq's longest cached prefix,
+        reused in place, and mark their tokens computed. The last token is left out, so the step still
+        runs it and gives logits. Returns the tokens found (0 with prefix caching off)."""
+        while self.prefix_caching and len(seq.block_hashes) < (len(seq) - 1) // self.block_size:
+            key = self._key(seq, len(seq.block_hashes))
+            block = self._cached.get(key)
+            if block is None:
+                break
+            if block not in self._refs:  # free but intact: back into use
+                self._free.remove(block)
+                heapq.heapify(self._free)
+            self._refs[block] = self._refs.get(block, 0) + 1
+            seq.block_table.append(block)
+            seq.block_hashes.append(hash(key))
+        seq.num_computed = len(seq.block_table) * self.block_size
+        return seq.num_computed
+
+    def cache_full_blocks(self, seq):
+        """After a step: make seq's blocks that are now full (all their K/V written) findable."""
+        while self.prefix_caching and len(seq.block_hashes) < seq.num_computed // self.block_size:
+            key = self._key(seq, len(seq.block_hashes))
+            seq.block_hashes.append(hash(key))
+            # Else another block holds these tokens already: a twin computed in the same step, or the
+            # cached last block of a prompt that had to run again for its logits.
+            if key not in self._cached:
+                block = seq.block_table[len(seq.block_hashes) - 1]
+                self._cached[key], self._key_of[block] = block, key
+
+    def forget_unmapped(self, num_blocks):
+        """The KV cache now maps only the blocks below num_blocks: those above lost their K/V. (None
+        of them is in use: the cache always maps the high water.) Dropping their keys here, rather than
+        checking the mapped size on a hit, also covers a block unmapped and mapped again since."""
+        for block in [b for b in self._key_of if b >= num_blocks]:
+            del self._cached[self._key_of.pop(block)]

@@ -15,6 +15,7 @@ class KVCache:
         self.layers = [pool.virtual_tensor(max_blocks * self.block_bytes, tag="kv") for _ in range(num_layers)]
         self.views = []
         self.num_blocks = 0
+        self.on_shrink = None  # called with the new block count when the blocks above it lose their K/V
 
     def _mapped_bytes(self, num_blocks):
         chunk = self.pool.chunk_bytes
@@ -44,6 +45,8 @@ class KVCache:
         finally:
             self.num_blocks = num_blocks
             self.views = [vt.as_tensor((num_blocks, *self.block_shape), self.dtype) for vt in self.layers]
+        if num_blocks < old and self.on_shrink:
+            self.on_shrink(num_blocks)
 
     @property
     def device_bytes(self):

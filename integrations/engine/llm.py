@@ -36,12 +36,14 @@ class LLM:
     activation peak and fixes the KV pool; "elastic" lets both share the budget step by step. policy
     "fcfs" or "slo"; preemption "recompute" or "borrow" (borrow host memory first). activation_profile:
     another engine's .profile for the same model, max_model_len and max_num_batched_tokens, to skip
-    the start-up measurement."""
+    the start-up measurement. enable_prefix_caching: a request whose prompt starts with full blocks
+    that an earlier request computed reuses their K/V (prefill runs only the rest); a block outlives
+    its requests until its memory is needed or unmapped (elastic mode unmaps all KV when idle)."""
 
     def __init__(self, model, tokenizer=None, mode="elastic", budget_bytes=None, host_budget_bytes=0, *,
                  policy="fcfs", preemption="recompute", block_size=16, max_num_seqs=64,
                  max_num_batched_tokens=512, max_model_len=None, chunked_prefill=True, chunk_bytes=256 << 10,
-                 activation_profile=None):
+                 activation_profile=None, enable_prefix_caching=True):
         if isinstance(model, str):
             from transformers import AutoModelForCausalLM, AutoTokenizer
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
@@ -66,7 +68,8 @@ class LLM:
         except Exception:
             self.kv_cache.release()
             raise
-        self.blocks = BlockManager(block_size, max_blocks)
+        self.blocks = BlockManager(block_size, max_blocks, enable_prefix_caching)
+        self.kv_cache.on_shrink = self.blocks.forget_unmapped
         chosen = FCFSPolicy() if policy == "fcfs" else SLOPolicy(self.pool.host_budget_bytes, max_num_batched_tokens,
                                                                   max_num_seqs, block_size)
         self.scheduler = Scheduler(self.blocks, self.memory, chosen, max_num_seqs, max_num_batched_tokens,
@@ -162,6 +165,7 @@ class LLM:
         now = time.perf_counter()
         for (seq, n), row in zip(chunks, logits):
             seq.num_computed += n
+            self.blocks.cache_full_blocks(seq)
             if seq.num_computed < len(seq):
                 continue  # a prefill chunk with more to come
             decode_tokens += seq.first_token_time is not None

@@ -5,13 +5,14 @@ import numpy as np
 
 
 def request_metrics(seq):
-    """TTFT, TPOT and end-to-end latency (seconds) of a finished request and whether it met its targets."""
+    """TTFT, TPOT and end-to-end latency (seconds) of a finished request, whether it met its targets, and
+    how many of its tokens the prefix cache spared from prefill."""
     ttft = seq.first_token_time - seq.arrival
     outputs = len(seq.output_token_ids)
     tpot = (seq.finish_time - seq.first_token_time) / (outputs - 1) if outputs > 1 else 0.0
     met = (seq.ttft_slo is None or ttft <= seq.ttft_slo) and (seq.tpot_slo is None or tpot <= seq.tpot_slo)
     return {"ttft": ttft, "tpot": tpot, "e2e": seq.finish_time - seq.arrival, "slo_met": met,
-            "output_tokens": outputs, "preemptions": seq.num_preemptions}
+            "output_tokens": outputs, "preemptions": seq.num_preemptions, "cached_tokens": seq.num_cached_tokens}
 
 
 @dataclass
@@ -47,6 +48,7 @@ class RunMetrics:
             "goodput_rps": met / wall if wall else 0.0,
             "overhead_pct": 100 * overhead / (model + overhead) if model + overhead else 0.0,
             "preemptions": sum(r["preemptions"] for r in reqs),
+            "cached_tokens": sum(r["cached_tokens"] for r in reqs),
             "peak_kv_bytes": max(s["kv_bytes"] for s in steps),
             "peak_borrowed_bytes": max(s["borrowed_bytes"] for s in steps),
         }

@@ -181,10 +181,14 @@ class Scheduler:
         for seq in admit:
             if len(self.running) >= max_running:
                 break
+            cached = self.blocks.take_cached(seq)
             n = self._chunk(seq, tokens, prefill_tokens)
             n = n and self._take(seq, n, tokens, whole=True)
             if n == 0:
+                self.blocks.free(seq)  # the cached blocks too: a waiting request holds none
+                seq.num_computed = 0
                 break
+            seq.num_cached_tokens += cached
             self.waiting.remove(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)

@@ -22,6 +22,8 @@ class Sequence:
         self.status = Status.WAITING
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.block_table = []
+        self.block_hashes = []  # chain hashes of block_table's leading full blocks (prefix caching)
+        self.num_cached_tokens = 0  # tokens found in the prefix cache, over all admissions
         self.finish_reason = None
         self.arrival = time.perf_counter() if arrival is None else arrival
         self.first_token_time = None

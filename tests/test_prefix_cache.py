@@ -1,0 +1,172 @@
+"""Prefix caching: full blocks shared by prompts are computed once and reused in place, outputs stay
+token-identical, and cached blocks neither leak nor keep the KV cache mapped."""
+import contextlib
+import random
+
+import pytest
+import torch
+
+from test_engine import MB, assert_pool_empty, one_thread, smollm2_engine, tiny_engine, tiny_model  # noqa: F401
+from torch_ellm.integrations.engine.block_manager import BlockManager
+from torch_ellm.integrations.engine.sampling_params import SamplingParams
+from torch_ellm.integrations.engine.sequence import Sequence
+
+GREEDY = SamplingParams(temperature=0, max_tokens=10)
+LONG_TEXT = ("In the beginning of the twentieth century, the small town by the river had grown into a busy market "
+             "where farmers from the valley brought grain, cattle and wool every Saturday morning, and the old "
+             "mill by the bridge ground flour for the bakers of three villages. When the railway reached the "
+             "valley, the market doubled in size.")
+
+
+@pytest.fixture(scope="module")
+def shared_prompts(smollm2):
+    """Token-id prompts on a 64-token common prefix (4 blocks of 16): two continuations, the prefix
+    alone twice (all of it cached: its last block runs again) and a prompt sharing 2.5 blocks."""
+    tok = smollm2[1]
+    prefix = tok(LONG_TEXT)["input_ids"][:64]
+    assert len(prefix) == 64
+    tails = [" So the town", " Today, nobody"]
+    return ([prefix + tok(t)["input_ids"] for t in tails] + [prefix, prefix]
+            + [prefix[:40] + tok(" Then the war came")["input_ids"]])
+
+
+@pytest.fixture(scope="module")
+def shared_reference(smollm2, shared_prompts):
+    model = smollm2[0]
+    return [model.generate(torch.tensor([p]), max_new_tokens=GREEDY.max_tokens, do_sample=False)[0, len(p):].tolist()
+            for p in shared_prompts]
+
+
+@pytest.mark.parametrize("mode, caching", [("static", True), ("elastic", True), ("elastic", False)])
+def test_shared_prefix_outputs_match_hf(smollm2, shared_prompts, shared_reference, mode, caching):
+    llm = smollm2_engine(smollm2, mode=mode, budget_bytes=64 * MB, enable_prefix_caching=caching)
+    outs = llm.generate(shared_prompts, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in outs] == shared_reference
+    cached = [o.metrics["cached_tokens"] for o in outs]
+    if caching:  # the first prompt prefills in chunks of 32: the others are admitted after its 4 blocks
+        assert cached == [0, 64, 48, 48, 32] and llm.metrics.summary()["cached_tokens"] == sum(cached)
+    else:
+        assert cached == [0] * 5
+    assert_pool_empty(llm)
+
+
+def test_second_request_reuses_the_first_ones_blocks(tiny_model):
+    prefix = list(range(1, 37))  # 9 blocks of 4
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    llm = tiny_engine(tiny_model, mode="elastic")
+    first = llm.add_request(prefix + [40, 41, 42, 43], params)
+    while not llm.step():  # until its first token: the whole prompt, 10 full blocks, is cached
+        pass
+    second = llm.add_request(prefix + [50, 51, 52], params)
+    llm.step()
+    a, b = llm.scheduler.running
+    assert b.num_cached_tokens == 36 and b.block_table[:9] == a.block_table[:9]  # shared in place
+    assert llm.metrics.steps[-1]["tokens"] == 1 + 3  # the first one's decode, the second one's tail
+    assert llm.blocks.num_used == 10 + 1 + 1  # a's 10 (and 1 for decoding), b's tail block
+    outs = {}
+    while llm.has_unfinished_requests():
+        outs.update((o.request_id, o.token_ids) for o in llm.step() if o.finished)
+    plain = tiny_engine(tiny_model, mode="elastic", enable_prefix_caching=False)
+    assert [outs[first], outs[second]] == [o.token_ids for o in plain.generate(
+        [prefix + [40, 41, 42, 43], prefix + [50, 51, 52]], params, use_tqdm=False)]
+    plain.close()
+    assert_pool_empty(llm)
+
+
+@pytest.mark.parametrize("mode", ["static", "elastic"])
+def test_cached_blocks_survive_idle_only_where_kv_stays_mapped(tiny_model, mode):
+    """Free cached blocks are outside the high water: elastic mode unmaps all KV when idle, and with it
+    the cache. Static mode keeps its fixed KV pool, and the blocks stay hits."""
+    prompt = list(range(1, 30))
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    llm = tiny_engine(tiny_model, mode=mode)
+    first = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert llm.blocks.num_used == 0 and llm.blocks.high_water == 0
+    if mode == "elastic":
+        assert llm.kv_cache.num_blocks == 0 and llm.pool.stats()["mapped_device_bytes"] == 0
+    again = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert again.token_ids == first.token_ids
+    assert again.metrics["cached_tokens"] == (0 if mode == "elastic" else 28)
+    assert_pool_empty(llm)
+
+
+def shared_prefix_load(model, caching):
+    """60 greedy requests on 3 prefixes, in a budget that preempts by recompute, some aborted while
+    they run; the finished ones' outputs and the run's summary."""
+    rng = random.Random(1)
+    prefixes = [[rng.randrange(128) for _ in range(rng.randint(8, 40))] for _ in range(3)]
+    llm = tiny_engine(model, mode="elastic", budget_bytes=192 << 10, max_num_seqs=8, enable_prefix_caching=caching)
+    for i in range(60):
+        prompt = rng.choice(prefixes) + [rng.randrange(128) for _ in range(rng.randint(0, 10))]
+        llm.add_request(prompt, SamplingParams(temperature=0, max_tokens=rng.randint(1, 30), ignore_eos=True), i)
+    outs, steps = {}, 0
+    while llm.has_unfinished_requests():
+        outs.update((o.request_id, o.token_ids) for o in llm.step() if o.finished)
+        steps += 1
+        if steps % 7 == 0:
+            with contextlib.suppress(ValueError):  # already finished
+                llm.abort(steps)
+    summary = llm.metrics.summary()
+    assert_pool_empty(llm)
+    return outs, summary
+
+
+def test_shared_prefixes_under_preemption_and_abort(tiny_model):
+    cached, summary = shared_prefix_load(tiny_model, caching=True)
+    plain, _ = shared_prefix_load(tiny_model, caching=False)
+    common = cached.keys() & plain.keys()
+    assert len(common) > 45 and all(cached[i] == plain[i] for i in common)
+    assert summary["cached_tokens"] > 500 and summary["preemptions"] > 0
+
+
+def new_seq(tokens):
+    return Sequence(len(tokens), tokens, SamplingParams())
+
+
+def run(blocks, seq):
+    """Admit seq (its cached prefix first), compute all its tokens and cache its full blocks; the
+    tokens found cached."""
+    found = blocks.take_cached(seq)
+    blocks.grow(seq, len(seq))
+    seq.num_computed = len(seq)
+    blocks.cache_full_blocks(seq)
+    return found
+
+
+def test_block_manager_shares_blocks_by_hash_chain_and_counts_their_users():
+    blocks = BlockManager(block_size=4, max_blocks=8, prefix_caching=True)
+    a = new_seq(list(range(10)))
+    assert run(blocks, a) == 0 and a.block_table == [0, 1, 2] and len(a.block_hashes) == 2  # 2 is not full
+    b = new_seq(list(range(8)) + [99, 98, 97])
+    assert run(blocks, b) == 8 and b.block_table == [0, 1, 3]
+    assert blocks.num_used == 4 and blocks.high_water == 4
+    c = new_seq([50, 51, 52, 53, 4, 5, 6, 7, 1])  # a's second block after another first one: a miss
+    assert run(blocks, c) == 0 and c.block_table == [4, 5, 6]
+    whole = new_seq(list(range(8)))  # all cached: its last block runs again, into a block of its own
+    assert run(blocks, whole) == 4 and whole.block_table == [0, 7]
+    blocks.free(a)
+    assert blocks.num_used == 7  # only a's partial block 2 is free: 0 and 1 have other users
+    fresh = new_seq([9] * 4)
+    assert run(blocks, fresh) == 0 and fresh.block_table == [2]  # shared blocks are not handed out
+    for seq in (b, c, whole, fresh):
+        blocks.free(seq)
+    assert blocks.num_used == 0 and blocks.high_water == 0
+
+
+def test_block_manager_keeps_free_blocks_cached_until_handed_out_or_unmapped():
+    blocks = BlockManager(block_size=4, max_blocks=8, prefix_caching=True)
+
+    def served(seq):
+        """The tokens seq found cached; it then finishes."""
+        found = run(blocks, seq)
+        blocks.free(seq)
+        return found
+
+    assert served(new_seq(list(range(12)))) == 0  # blocks 0-2, all full
+    assert blocks.num_used == 0 and blocks.high_water == 0  # cached but free: outside the high water
+    again = new_seq(list(range(8)) + [7, 7])
+    assert run(blocks, again) == 8 and again.block_table == [0, 1, 2]  # 0 and 1 in place; 2, lowest free, anew
+    blocks.free(again)
+    assert served(new_seq(list(range(12)) + [1])) == 8  # block 2's K/V were overwritten: no longer a hit
+    blocks.forget_unmapped(1)  # the KV cache shrank to 1 block: the others lost their K/V
+    assert served(new_seq(list(range(12)) + [2])) == 4
