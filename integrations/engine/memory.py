@@ -122,8 +122,12 @@ class Memory:
         s = self.pool.stats()
         return s["budget_bytes"] - s["mapped_device_bytes"]
 
+    def host_budget(self):
+        """Host bytes the KV may borrow: none where the pool parks (it never borrows on its own there)."""
+        return 0 if self.pool.host_tier == "parked" else self.pool.host_budget_bytes
+
     def host_room(self):
-        return self.pool.host_budget_bytes - self.pool.borrowed_bytes
+        return self.host_budget() - self.pool.borrowed_bytes
 
     def _blocks_within(self, nbytes):
         """The most blocks the KV cache could map with nbytes more than it has now."""
@@ -156,7 +160,7 @@ class Memory:
     def max_blocks_alone(self):
         """The most KV blocks one request could ever hold (all others gone, the host budget borrowed)."""
         static = self.mode == "static"
-        room = self.pool.host_budget_bytes + (0 if static else self.pool.budget_bytes - self.peak_activation_bytes)
+        room = self.host_budget() + (0 if static else self.pool.budget_bytes - self.peak_activation_bytes)
         chunks_per_layer = max(0, room) // (len(self.kv.layers) * self.pool.chunk_bytes)
         base = self.static_blocks if static else 0
         return min(self.kv.max_blocks, base + chunks_per_layer * self.pool.chunk_bytes // self.kv.block_bytes)
