@@ -18,7 +18,7 @@ from torch_ellm.integrations.engine.sampling_params import SamplingParams
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = ((("static", "fcfs"), "static/FCFS"), (("elastic", "fcfs"), "elastic/FCFS"), (("elastic", "slo"), "elastic/SLO"))
-COLUMNS = ("decode_tokens_per_s", "max_batch", "mean_batch", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99",
+COLUMNS = ("decode_tokens_per_s", "max_batch", "mean_batch", "max_decode_batch", "mean_decode_batch", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99",
            "slo_attainment", "goodput_rps", "overhead_pct", "preemptions")
 
 
@@ -34,17 +34,26 @@ def make_model(quick, device):
     return LlamaForCausalLM(config).eval().to(device)
 
 
+def bursts(rng, max_len, n, slo, gap):
+    """n requests in bursts of 8, `gap` seconds apart, with SLO targets."""
+    out, t = [], 0.0
+    for burst in range(n // 8):
+        t += gap
+        out += [(t + rng.random() * 0.1 * gap, rng.randint(32, max_len // 3), rng.randint(8, 32),
+                 slo["ttft"], slo["tpot"]) for _ in range(8)]
+    return out
+
+
 def workloads(rng, max_len, long_len, n, slo):
-    """(name, max_model_len, [(arrival seconds, prompt length, output length, ttft target, tpot target)])."""
+    """(name, max_model_len, [(arrival seconds, prompt length, output length, ttft target, tpot target)]).
+    bursty_slo: a burst every slo["gap"], about the time its prefills and decodes take alone (full load);
+    bursty_slo_half: the same at half the rate."""
     uniform = [(0.0, rng.randint(16, max_len // 8), rng.randint(16, 64), None, None) for _ in range(n)]
     long = [(0.0, rng.randint(long_len * 6 // 10, long_len * 9 // 10), rng.randint(4, 16), None, None)
             for _ in range(n)]
-    bursty, t = [], 0.0
-    for burst in range(n // 8):  # bursts of 8 with quiet gaps between
-        t += slo["gap"]
-        bursty += [(t + rng.random() * 0.1 * slo["gap"], rng.randint(32, max_len // 3), rng.randint(8, 32),
-                    slo["ttft"], slo["tpot"]) for _ in range(8)]
-    return [("uniform", max_len, uniform), ("long_prompt", long_len, long), ("bursty_slo", max_len, bursty)]
+    return [("uniform", max_len, uniform), ("long_prompt", long_len, long),
+            ("bursty_slo", max_len, bursts(rng, max_len, n, slo, slo["gap"])),
+            ("bursty_slo_half", max_len, bursts(rng, max_len, n, slo, 2 * slo["gap"]))]
 
 
 def engine_config(model, max_len):
@@ -111,7 +120,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (small matmuls on a shared 2-core machine run ~10x faster on 1)")
-    parser.add_argument("--only", nargs="*", help="run only these workloads (uniform, long_prompt, bursty_slo); writes no results")
+    parser.add_argument("--only", nargs="*", help="run only these workloads (uniform, long_prompt, bursty_slo, bursty_slo_half); writes no results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     quick = args.quick or args.device == "cpu"
@@ -145,10 +154,10 @@ def main():
             rows[label]["timeline"] = [(s["end"] - llm.metrics.steps[0]["start"], s["batch"], s["kv_bytes"],
                                         s["activation_bytes"], s["borrowed_bytes"]) for s in llm.metrics.steps]
             llm.close()
-            print(f"{name:12s} {label:13s} " + " ".join(f"{c}={rows[label][c]:.3g}" for c in COLUMNS), flush=True)
-        if name != "bursty_slo":
+            print(f"{name:15s} {label:13s} " + " ".join(f"{c}={rows[label][c]:.3g}" for c in COLUMNS), flush=True)
+        if not name.startswith("bursty"):
             rows["HF generate"] = hf_reference(model, requests, vocab, 8, args.seed)
-            print(f"{name:12s} HF generate   output_tokens_per_s={rows['HF generate']['output_tokens_per_s']:.3g}")
+            print(f"{name:15s} HF generate   output_tokens_per_s={rows['HF generate']['output_tokens_per_s']:.3g}")
         results["workloads"][name] = rows
     print_ratios(results)
     if args.only:
@@ -166,8 +175,9 @@ def print_ratios(results):
         for label in ("elastic/FCFS", "elastic/SLO"):
             r = rows[label]
             ratio = lambda key: r[key] / base[key] if base[key] else float("inf")
-            print(f"  {name:12s} {label:13s} decode tok/s x{ratio('decode_tokens_per_s'):.2f} [2.5]  "
-                  f"max batch x{ratio('max_batch'):.2f} [3]  goodput x{ratio('goodput_rps'):.2f} [2.5]  "
+            print(f"  {name:15s} {label:13s} decode tok/s x{ratio('decode_tokens_per_s'):.2f} [2.5]  "
+                  f"max batch x{ratio('max_batch'):.2f} [3]  max decode batch x{ratio('max_decode_batch'):.2f}  "
+                  f"goodput x{ratio('goodput_rps'):.2f} [2.5]  "
                   f"attainment {r['slo_attainment']:.2f} vs {base['slo_attainment']:.2f}  "
                   f"overhead {r['overhead_pct']:.1f}% [<5]")
 

@@ -186,6 +186,9 @@ def test_static_mode_fixes_kv_pool_and_elastic_follows_the_batch(tiny_model):
     assert results["static"] == results["elastic"]
 
 
+WORK = (12, 78)  # step_work() of some step: the AIMD rules below do not look at it
+
+
 def slo_request(arrival=0.0, ttft_slo=1.0, tpot_slo=0.1, first_token_time=None):
     return SimpleNamespace(arrival=arrival, ttft_slo=ttft_slo, tpot_slo=tpot_slo, first_token_time=first_token_time)
 
@@ -194,29 +197,29 @@ def test_slo_policy_tpot_breaches_halve_the_batch_cap_and_slack_recovers_it():
     policy = SLOPolicy(host_budget=64 * MB, max_batched_tokens=512, max_num_seqs=32, min_prefill_tokens=16)
     batch = [slo_request() for _ in range(12)]
     for step_seconds in (0.2, 0.05, 0.2):  # injected step times: 2 breaches of the 0.1 s target in 3
-        policy.observe(step_seconds, batch, [], now=0.5)
+        policy.observe(step_seconds, WORK, batch, [], now=0.5)
     assert policy.batch_cap == 32  # the slack step raised nothing above the maximum; 2 breaches are not 3
-    policy.observe(0.2, batch, [], now=0.5)  # 3 in the last 5: down to half the decode batch
+    policy.observe(0.2, WORK, batch, [], now=0.5)  # 3 in the last 5: down to half the decode batch
     assert policy.batch_cap == 6 and policy.host_buffer == 32 * MB and policy.prefill_budget == 256
     assert policy.max_running(64) == 6
     for _ in range(3):
-        policy.observe(0.2, batch, [], now=0.5)  # a batch above the cap is not the cap's doing
+        policy.observe(0.2, WORK, batch, [], now=0.5)  # a batch above the cap is not the cap's doing
     assert policy.batch_cap == 6
     for _ in range(3):
-        policy.observe(0.05, batch[:6], [], now=0.5)  # slack: one more a step
+        policy.observe(0.05, WORK, batch[:6], [], now=0.5)  # slack: one more a step
     assert policy.batch_cap == 9
-    policy.observe(0.09, batch[:6], [], now=0.5)  # within the target but without slack: unchanged
+    policy.observe(0.09, WORK, batch[:6], [], now=0.5)  # within the target but without slack: unchanged
     assert policy.batch_cap == 9
 
 
 def test_slo_policy_ttft_breaches_grow_the_host_buffer():
     policy = SLOPolicy(host_budget=64 * MB, max_batched_tokens=512, max_num_seqs=32, min_prefill_tokens=16)
     for _ in range(3):
-        policy.observe(0.2, [slo_request()], [], now=0.5)
+        policy.observe(0.2, WORK, [slo_request()], [], now=0.5)
     assert policy.host_buffer == 32 * MB
     late = [slo_request(arrival=0.0, ttft_slo=0.1)]
     for _ in range(3):
-        policy.observe(0.01, [], late, now=0.5)
+        policy.observe(0.01, WORK, [], late, now=0.5)
     assert policy.host_buffer == 64 * MB and policy.prefill_budget == 512
 
 

@@ -34,6 +34,7 @@ class RunMetrics:
         decode_tokens = sum(s["decode_tokens"] for s in steps)
         decode_seconds = sum(s["model_seconds"] + s["overhead_seconds"] for s in steps if s["decode_tokens"])
         batch = np.array([s["batch"] for s in steps])
+        decode_batch = np.array([s["decode_batch"] for s in steps])
         ttft = np.array([r["ttft"] for r in reqs] or [np.nan])
         tpot = np.array([r["tpot"] for r in reqs] or [np.nan])
         met = sum(r["slo_met"] for r in reqs)
@@ -42,6 +43,7 @@ class RunMetrics:
             "decode_tokens_per_s": decode_tokens / decode_seconds if decode_seconds else 0.0,
             "output_tokens_per_s": sum(r["output_tokens"] for r in reqs) / wall if wall else 0.0,
             "max_batch": int(batch.max()), "mean_batch": float(batch.mean()),
+            "max_decode_batch": int(decode_batch.max()), "mean_decode_batch": float(decode_batch.mean()),
             "ttft_p50": float(np.percentile(ttft, 50)), "ttft_p99": float(np.percentile(ttft, 99)),
             "tpot_p50": float(np.percentile(tpot, 50)), "tpot_p99": float(np.percentile(tpot, 99)),
             "slo_attainment": met / len(reqs) if reqs else 0.0,

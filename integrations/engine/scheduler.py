@@ -7,6 +7,7 @@ from collections import deque
 
 from .attention import is_decode
 from .sequence import Status
+from .step_cost import StepCost
 
 
 class FCFSPolicy:
@@ -15,7 +16,7 @@ class FCFSPolicy:
     def order(self, waiting, running, now):
         return list(waiting)
 
-    def prefill_tokens(self, max_batched_tokens):
+    def prefill_tokens(self, max_batched_tokens, running, now):
         return max_batched_tokens
 
     def max_running(self, max_num_seqs):
@@ -24,7 +25,7 @@ class FCFSPolicy:
     def host_allowance(self, host_budget):
         return host_budget
 
-    def observe(self, step_seconds, decoding, waiting, now):
+    def observe(self, step_seconds, work, decoding, waiting, now):
         pass
 
 
@@ -45,6 +46,11 @@ class SLOPolicy:
     - Logical host buffer (how much KV may be borrowed) and prefill token budget per step: halved on
       TPOT breaches (fewer prefills slow decodes less), doubled on TTFT breaches (more prefills admitted,
       borrowing rather than queueing).
+    - Prefill chunk size, our improvement on the paper: while requests that can still meet their TPOT
+      targets are decoding, a step's prefill tokens are the most that a cost model fitted online to the
+      recent steps (step_cost.py) predicts will keep the step within `slack` of the tightest target, and
+      at least `min_prefill_tokens`, so a burst of prompts is chunked in beside the decodes instead of
+      stalling them. Before the model has seen enough steps, the budget above stands in.
     Waiting requests go earliest TTFT deadline first; those already past it go last, as they can no
     longer count towards goodput."""
 
@@ -56,6 +62,7 @@ class SLOPolicy:
         self.batch_cap = self.max_batch = max_num_seqs
         self.window, self.breaches, self.slack = window, breaches, slack
         self.tpot_history, self.ttft_history = deque(maxlen=window), deque(maxlen=window)
+        self.cost = StepCost()
 
     def order(self, waiting, running, now):
         """Earliest TTFT deadline first. Requests past theirs come last, and only once no request that can
@@ -68,8 +75,16 @@ class SLOPolicy:
             return on_time
         return on_time + sorted((s for s in waiting if due(s) < now), key=lambda s: s.arrival)
 
-    def prefill_tokens(self, max_batched_tokens):
-        return self.prefill_budget
+    def prefill_tokens(self, max_batched_tokens, running, now):
+        """Prefill tokens the coming step may run beside the decodes of `running`."""
+        decoders = [s for s in running if s.first_token_time is not None and s.num_uncomputed == 1]
+        at_stake = [s for s in decoders if s.tpot_slo is not None and _on_time(s)]
+        if not at_stake or not self.cost.ready:
+            return self.prefill_budget
+        decode_pairs = sum(len(s) for s in decoders)  # one new token after len(s) - 1 computed
+        step = self.slack * min(s.tpot_slo for s in at_stake)
+        room = self.cost.max_prefill(len(decoders), decode_pairs, step, max_batched_tokens)
+        return max(self.min_prefill, room)
 
     def max_running(self, max_num_seqs):
         return min(self.batch_cap, max_num_seqs)
@@ -77,8 +92,10 @@ class SLOPolicy:
     def host_allowance(self, host_budget):
         return min(self.host_buffer, host_budget)
 
-    def observe(self, step_seconds, decoding, waiting, now):
-        """step_seconds: how long the step took; decoding: the requests it decoded; waiting: those queued."""
+    def observe(self, step_seconds, work, decoding, waiting, now):
+        """step_seconds: how long the step took; work: its step_work(); decoding: the requests it decoded;
+        waiting: those queued."""
+        self.cost.observe(work, step_seconds)
         targets = [s.tpot_slo for s in decoding if s.tpot_slo is not None]
         # A batch above the cap is one admitted before the cap fell: the cap already acts on it.
         self.tpot_history.append(bool(targets) and step_seconds > min(targets) and len(decoding) <= self.batch_cap)
@@ -107,6 +124,7 @@ class Scheduler:
         self.chunked_prefill, self.preemption = chunked_prefill, preemption
         self.waiting, self.running = deque(), []
         self.num_preemptions = 0
+        self._prefill_budget = max_batched_tokens  # this step's, from the policy
 
     def add(self, seq):
         self.waiting.append(seq)
@@ -150,7 +168,7 @@ class Scheduler:
         it has left, or a chunk if chunked prefill is on (0: none)."""
         room = self.max_batched_tokens - tokens
         if not (seq.num_uncomputed == 1 and seq.num_computed > 0):  # a prefill: the policy limits those
-            room = min(room, self.policy.prefill_tokens(self.max_batched_tokens) - prefill_tokens)
+            room = min(room, self._prefill_budget - prefill_tokens)
         n = max(0, min(seq.num_uncomputed, room))
         return n if n == seq.num_uncomputed or self.chunked_prefill else 0
 
@@ -158,6 +176,7 @@ class Scheduler:
         """The step's (sequence, new tokens) pairs, prefills first; [] when nothing can run."""
         chunks, tokens, prefill_tokens = [], 0, 0
         preemptions = self.num_preemptions
+        self._prefill_budget = self.policy.prefill_tokens(self.max_batched_tokens, self.running, time.perf_counter())
         for seq in list(self.running):
             if seq.status is not Status.RUNNING:
                 continue  # preempted below to make room for an earlier request
