@@ -8,7 +8,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from torch_ellm.integrations.engine.llm import LLM
 from torch_ellm.integrations.engine.sampling_params import SamplingParams
-from torch_ellm.integrations.engine.scheduler import SLOPolicy
+from torch_ellm.integrations.engine.policy import SLOPolicy
+from torch_ellm.integrations.engine.step_cost import StepWork
 
 PROMPTS = [
     "The capital of France is",
@@ -186,7 +187,7 @@ def test_static_mode_fixes_kv_pool_and_elastic_follows_the_batch(tiny_model):
     assert results["static"] == results["elastic"]
 
 
-WORK = (12, 78)  # step_work() of some step: the AIMD rules below do not look at it
+WORK = StepWork(tokens=12, pairs=78, decodes=12)  # a decode-only step of 12
 
 
 def slo_request(arrival=0.0, ttft_slo=1.0, tpot_slo=0.1, first_token_time=None):
@@ -210,6 +211,14 @@ def test_slo_policy_tpot_breaches_halve_the_batch_cap_and_slack_recovers_it():
     assert policy.batch_cap == 9
     policy.observe(0.09, WORK, batch[:6], [], now=0.5)  # within the target but without slack: unchanged
     assert policy.batch_cap == 9
+
+
+def test_slo_policy_slow_steps_with_prefill_are_not_tpot_breaches():
+    policy = SLOPolicy(host_budget=64 * MB, max_batched_tokens=512, max_num_seqs=32, min_prefill_tokens=16)
+    batch = [slo_request() for _ in range(12)]
+    for _ in range(5):
+        policy.observe(0.2, WORK._replace(tokens=300), batch, [], now=0.5)  # prefill_tokens() chose these
+    assert policy.batch_cap == 32 and policy.host_buffer == 64 * MB
 
 
 def test_slo_policy_ttft_breaches_grow_the_host_buffer():

@@ -106,6 +106,11 @@ class Pool:
         """Bytes of virtual tensors now living in host memory."""
         return int(self._pool.stats()["borrowed_bytes"])
 
+    @property
+    def mapped_device_bytes(self):
+        """Device bytes mapped into virtual tensors (what the budget holds now, less the free cache)."""
+        return int(self._pool.stats()["mapped_device_bytes"])
+
     def capabilities(self):
         c = self._pool.capabilities()
         return {"virtual_memory": c.virtual_memory, "host_chunks": c.host_chunks,

@@ -6,14 +6,14 @@ from dataclasses import dataclass
 import torch
 
 from torch_ellm.pool import Pool
-from .attention import is_decode
 from .block_manager import BlockManager
 from .kv_cache import KVCache
 from .memory import ActivationProfile, Memory
 from .metrics import RunMetrics, request_metrics
 from .model_runner import ModelRunner
 from .sampling_params import SamplingParams, sample
-from .scheduler import FCFSPolicy, Scheduler, SLOPolicy
+from .policy import FCFSPolicy, SLOPolicy
+from .scheduler import Scheduler
 from .sequence import Sequence, Status
 from .step_cost import step_work
 
@@ -158,9 +158,8 @@ class LLM:
             if self.scheduler.has_work():
                 raise RuntimeError("no waiting request fits the budget although none is running")
             return []
-        num_tokens, work = sum(n for _, n in chunks), step_work(chunks)
-        decode_batch = sum(is_decode(seq, n) for seq, n in chunks)
-        self.memory.begin_step(self.blocks.high_water, num_tokens)
+        work = step_work(chunks)
+        self.memory.begin_step(self.blocks.high_water, work.tokens)
         model_start = time.perf_counter()
         logits = self.runner.run(chunks, self.kv_cache)
         stats, kv_bytes = self.pool.stats(), self.kv_cache.device_bytes  # memory while the step held it
@@ -181,8 +180,8 @@ class LLM:
         end = time.perf_counter()
         self.metrics.record_step(
             start=start, end=end, model_seconds=model_end - model_start,
-            overhead_seconds=(model_start - start) + (end - model_end), batch=len(chunks), decode_batch=decode_batch,
-            tokens=num_tokens,
+            overhead_seconds=(model_start - start) + (end - model_end), batch=len(chunks), decode_batch=work.decodes,
+            tokens=work.tokens,
             decode_tokens=decode_tokens, kv_bytes=kv_bytes,
             activation_bytes=stats["bytes_by_tag"]["activations"]["device_bytes"],
             device_bytes=stats["mapped_device_bytes"], borrowed_bytes=stats["borrowed_bytes"])

@@ -119,8 +119,7 @@ class Memory:
             kv_cache.resize(self.static_blocks)
 
     def device_room(self):
-        s = self.pool.stats()
-        return s["budget_bytes"] - s["mapped_device_bytes"]
+        return self.pool.budget_bytes - self.pool.mapped_device_bytes
 
     def host_budget(self):
         """Host bytes the KV may borrow: none where the pool parks (it never borrows on its own there)."""

@@ -1,41 +1,59 @@
 """What a step costs: its seconds predicted from the work it runs, fitted online over recent steps. The
 SLO policy asks it how many prefill tokens fit beside a step's decodes within a TPOT target."""
 from collections import deque
+from typing import NamedTuple
 
 import numpy as np
 
+from .attention import is_decode
+
+
+class StepWork(NamedTuple):
+    tokens: int   # new tokens: what the weights multiply
+    pairs: int    # query-key pairs attention scores
+    decodes: int  # sequences decoding one token (the rest of the tokens are prefill)
+
 
 def step_work(chunks):
-    """(new tokens, attention pairs) of a step's (sequence, new tokens) chunks, before it runs: the tokens
-    the weights multiply, and the query-key pairs attention scores (n new tokens after c computed ones
-    score n*c + n*(n+1)/2 pairs)."""
+    """The work of a step's (sequence, new tokens) chunks, before it runs (n new tokens after c computed
+    ones score n*c + n*(n+1)/2 pairs)."""
     tokens = sum(n for _, n in chunks)
     pairs = sum(n * seq.num_computed + n * (n + 1) // 2 for seq, n in chunks)
-    return tokens, pairs
+    return StepWork(tokens, pairs, sum(is_decode(seq, n) for seq, n in chunks))
 
 
 class StepCost:
     """seconds = fixed + per_token * tokens + per_pair * pairs, by least squares over the last `window`
     steps, every coefficient kept >= 0 (a feature that fits negative is dropped). Ready after
-    `min_steps` steps."""
+    `min_steps` steps. The normal equations are kept as running sums, and the 3x3 solve is redone
+    every `refit` steps: the device does not change faster than that."""
 
-    def __init__(self, window=64, min_steps=8):
-        self.history = deque(maxlen=window)
-        self.min_steps = min_steps
-        self._coef = None
+    def __init__(self, window=64, min_steps=8, refit=8):
+        self.history = deque()
+        self.window, self.min_steps, self.refit = window, min_steps, refit
+        self._xtx, self._xty = np.zeros((3, 3)), np.zeros(3)
+        self._coef, self._unfitted = None, 0
 
     @property
     def ready(self):
         return len(self.history) >= self.min_steps
 
     def observe(self, work, seconds):
-        self.history.append((1.0, *work, seconds))
-        self._coef = None
+        x = np.array([1.0, work.tokens, work.pairs])
+        self.history.append((x, seconds))
+        self._xtx += np.outer(x, x)
+        self._xty += x * seconds
+        if len(self.history) > self.window:
+            old, old_seconds = self.history.popleft()
+            self._xtx -= np.outer(old, old)
+            self._xty -= old * old_seconds
+        self._unfitted += 1
 
     def predict(self, tokens, pairs):
-        if self._coef is None:
-            self._coef = self._fit()
-        return float(self._coef @ np.array([1.0, tokens, pairs]))
+        if self._coef is None or self._unfitted >= self.refit:
+            self._coef, self._unfitted = self._fit(), 0
+        c = self._coef
+        return float(c[0] + c[1] * tokens + c[2] * pairs)
 
     def max_prefill(self, decode_tokens, decode_pairs, seconds, limit):
         """The most prefill tokens (0..limit) a step with these decodes may add and still be predicted to
@@ -49,14 +67,19 @@ class StepCost:
         return lo
 
     def _fit(self):
-        data = np.array(self.history)
-        x, y = data[:, :3], data[:, 3]
+        # Features differ in scale by orders of magnitude: solve in units of each one's largest value.
+        scale = np.sqrt(np.maximum(np.diag(self._xtx), 1e-30))
+        xtx, xty = self._xtx / np.outer(scale, scale), self._xty / scale
         active = [0, 1, 2]
         while active:
             coef = np.zeros(3)
-            coef[active] = np.linalg.lstsq(x[:, active], y, rcond=None)[0]
+            a, b = xtx[np.ix_(active, active)], xty[active]
+            try:
+                coef[active] = np.linalg.solve(a, b)
+            except np.linalg.LinAlgError:  # a feature that never varied: the least-norm answer
+                coef[active] = np.linalg.lstsq(a, b, rcond=None)[0]
             worst = min(active, key=lambda i: coef[i])
             if coef[worst] >= 0:
-                return coef
+                return coef / scale
             active.remove(worst)
         return np.zeros(3)
