@@ -124,6 +124,11 @@ def pool(device=None):
     return Pool._wrap(_C.allocator_pool(d))
 
 
+def is_allocator_pool(p):
+    """Whether p is the pool that enable() routes this process's CUDA tensors through."""
+    return _state["enabled"] and p.backend == "cuda" and _C.allocator_pool(p.device.index or 0) is p._pool
+
+
 def memory_stats(device=None):
     """torch.cuda.memory_stats()-style flat dict for device: allocated_bytes.all.current/peak,
     reserved_bytes.all.current/peak, num_alloc_retries, num_ooms, ..., plus ellm.* keys from the

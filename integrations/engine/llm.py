@@ -5,14 +5,15 @@ from dataclasses import dataclass
 
 import torch
 
+import torch_ellm
 from torch_ellm.pool import Pool
 from .block_manager import BlockManager
 from .kv_cache import KVCache
 from .memory import ActivationProfile, Memory
 from .metrics import RunMetrics, request_metrics
 from .model_runner import ModelRunner
-from .sampling_params import SamplingParams, sample
 from .policy import FCFSPolicy, SLOPolicy
+from .sampling_params import SamplingParams, sample
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 from .step_cost import step_work
@@ -40,12 +41,18 @@ class LLM:
     another engine's .profile for the same model, max_model_len and max_num_batched_tokens, to skip
     the start-up measurement. enable_prefix_caching: a request whose prompt starts with full blocks
     that an earlier request computed reuses their K/V (prefill runs only the rest); a block outlives
-    its requests until its memory is needed or unmapped (elastic mode unmaps all KV when idle)."""
+    its requests until its memory is needed or unmapped (elastic mode unmaps all KV when idle).
+
+    pool: a torch_ellm Pool to draw KV (and activation) memory from, shared with whatever else lives
+    in it; its budgets stand (budget_bytes and host_budget_bytes must then be left out). On CUDA under
+    torch_ellm.enable() the default is the allocator's pool, so KV cache, weights and activations share
+    one budget. activations_in_pool: whether the model's activations are allocated from that pool
+    (default: whether it is the allocator's pool); they are then kept room for rather than charged."""
 
     def __init__(self, model, tokenizer=None, mode="elastic", budget_bytes=None, host_budget_bytes=0, *,
                  policy="fcfs", preemption="recompute", block_size=16, max_num_seqs=64,
                  max_num_batched_tokens=512, max_model_len=None, chunked_prefill=True, chunk_bytes=256 << 10,
-                 activation_profile=None, enable_prefix_caching=True):
+                 activation_profile=None, enable_prefix_caching=True, pool=None, activations_in_pool=None):
         if isinstance(model, str):
             from transformers import AutoModelForCausalLM, AutoTokenizer
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
@@ -58,15 +65,27 @@ class LLM:
         self.runner = runner
         device = runner.device
         backend = "cuda" if device.type == "cuda" else "host"
-        self.pool = Pool(backend, device=device.index or 0, budget_bytes=budget_bytes,
-                         host_budget_bytes=host_budget_bytes, chunk_bytes=chunk_bytes)
+        if pool is None and backend == "cuda" and torch_ellm.is_enabled():
+            pool = torch_ellm.pool(device)
+        if pool is None:
+            pool = Pool(backend, device=device.index or 0, budget_bytes=budget_bytes,
+                        host_budget_bytes=host_budget_bytes, chunk_bytes=chunk_bytes)
+        elif budget_bytes is not None or host_budget_bytes:
+            raise ValueError("budget_bytes and host_budget_bytes come from the pool when one is used (given, or "
+                             "the allocator's under enable()): set them with pool.set_budget/set_host_budget")
+        elif pool.device != device:
+            raise ValueError(f"the pool is on {pool.device} but the model on {device}")
+        self.pool = pool
+        if activations_in_pool is None:
+            activations_in_pool = torch_ellm.allocator.is_allocator_pool(pool)
         self.profile = activation_profile or self._profile(runner, backend, block_size, max_num_batched_tokens)
         block_bytes = runner.num_layers * 2 * block_size * runner.num_kv_heads * runner.head_dim * runner.dtype.itemsize
         max_blocks = (self.pool.budget_bytes + self.pool.host_budget_bytes) // block_bytes + 1
         self.kv_cache = KVCache(self.pool, runner.num_layers, runner.num_kv_heads, runner.head_dim, block_size,
                                 max_blocks, runner.dtype)
         try:
-            self.memory = Memory(self.pool, self.kv_cache, self.profile, mode, max_num_batched_tokens)
+            self.memory = Memory(self.pool, self.kv_cache, self.profile, mode, max_num_batched_tokens,
+                                 activations_in_pool)
         except Exception:
             self.kv_cache.release()
             raise

@@ -6,7 +6,8 @@ context, the worst case for T tokens. Then:
 - static: the activation peak for max_batched_tokens is reserved once; the rest of the budget becomes
   a fixed KV pool.
 - elastic: before each step its activation bytes are charged to the pool (a virtual tensor tagged
-  'activations', resized to the step's need); the KV cache maps blocks only as they are used. What a
+  'activations', resized to the step's need), or, where they really come from the pool (CUDA under
+  enable()), kept free of KV; the KV cache maps blocks only as they are used. What a
   step leaves mapped (idle activations, the KV cache's free tail) is given back lazily, when a later
   step needs the room, and all of it when the engine goes idle: KV and activations compete for one
   budget.
@@ -101,12 +102,19 @@ class ActivationProfile:
 
 
 class Memory:
-    """Decides whether a step's KV blocks and activations fit the budget, and maps them around the step."""
+    """Decides whether a step's KV blocks and activations fit the budget, and maps them around the step.
 
-    def __init__(self, pool, kv_cache, profile, mode, max_batched_tokens):
+    activations_in_pool: the step's activations really come from this pool (CUDA under enable(), the
+    engine on the allocator's pool). They are then not charged; instead the pool's policy keeps their
+    bytes free of KV (keep_free_bytes: the step's need in elastic mode, the peak in static mode), and
+    the allocator's cached free blocks count as room, since the pool empties that cache first."""
+
+    def __init__(self, pool, kv_cache, profile, mode, max_batched_tokens, activations_in_pool=False):
         if mode not in ("static", "elastic"):
             raise ValueError(f"mode must be 'static' or 'elastic', got {mode!r}")
         self.pool, self.kv, self.profile, self.mode = pool, kv_cache, profile, mode
+        self.external = activations_in_pool
+        self.keep_free_before = pool.policy["keep_free_bytes"]
         self.peak_activation_bytes = _round_up(profile.bytes_for(max_batched_tokens), pool.chunk_bytes)
         self.activations = pool.virtual_tensor(max(self.peak_activation_bytes, pool.chunk_bytes), tag="activations")
         self.static_blocks = 0
@@ -114,12 +122,22 @@ class Memory:
             if self.peak_activation_bytes > pool.budget_bytes:
                 raise ValueError(f"budget {pool.budget_bytes} B cannot hold the activation peak "
                                  f"{self.peak_activation_bytes} B of {max_batched_tokens} batched tokens")
-            self.activations.resize(self.peak_activation_bytes)
-            self.static_blocks = self._blocks_within(self.device_room())
+            if self.external:
+                pool.set_policy(keep_free_bytes=self.peak_activation_bytes)
+            else:
+                self.activations.resize(self.peak_activation_bytes)
+            self.static_blocks = self._blocks_within(self.device_room() - self._headroom(max_batched_tokens))
             kv_cache.resize(self.static_blocks)
 
     def device_room(self):
-        return self.pool.budget_bytes - self.pool.mapped_device_bytes
+        room = self.pool.budget_bytes - self.pool.mapped_device_bytes
+        return room + self.pool.releasable_bytes() if self.external else room
+
+    def _headroom(self, num_tokens):
+        """Bytes a step's uncharged activations will take from the pool while it runs."""
+        if not self.external:
+            return 0
+        return self.peak_activation_bytes if self.mode == "static" else self._step_activation_bytes(num_tokens)
 
     def host_budget(self):
         """Host bytes the KV may borrow: none where the pool parks (it never borrows on its own there)."""
@@ -141,11 +159,14 @@ class Memory:
         drops below its fixed pool."""
         return high_water if self.mode == "elastic" else max(high_water, self.static_blocks)
 
+    def _step_activation_bytes(self, num_tokens):
+        return _round_up(self.profile.bytes_for(num_tokens), self.pool.chunk_bytes)
+
     def _activation_bytes(self, num_tokens):
         """What a step charges to the pool for its activations (static mode reserved them already)."""
-        if self.mode == "static":
+        if self.mode == "static" or self.external:
             return 0
-        return _round_up(self.profile.bytes_for(num_tokens), self.pool.chunk_bytes)
+        return self._step_activation_bytes(num_tokens)
 
     def _activation_growth(self, num_tokens):
         return 0 if self.mode == "static" else self._activation_bytes(num_tokens) - self.activations.mapped_bytes
@@ -153,7 +174,8 @@ class Memory:
     def fits(self, high_water, num_tokens, host_allowance=0):
         """Would a step with num_tokens tokens whose KV reaches block high_water fit, borrowing at most
         host_allowance bytes of host memory?"""
-        need = self.kv.bytes_to_resize(self._kv_blocks(high_water)) + self._activation_growth(num_tokens)
+        need = (self.kv.bytes_to_resize(self._kv_blocks(high_water)) + self._activation_growth(num_tokens)
+                + self._headroom(num_tokens))
         return need <= self.device_room() + min(host_allowance, self.host_room())
 
     def max_blocks_alone(self):
@@ -172,14 +194,16 @@ class Memory:
         back only when it does not (a prefill needing room, more KV). That saves a map and an unmap
         of every chunk on every step."""
         kv_blocks = self._kv_blocks(high_water)
-        act = self._activation_bytes(num_tokens)
+        act, headroom = self._activation_bytes(num_tokens), self._headroom(num_tokens)
         if self.mode == "elastic":
             held = self.activations.mapped_bytes
             lazy_kv, lazy_act = max(kv_blocks, self.kv.num_blocks), max(act, held)
-            if self.kv.bytes_to_resize(lazy_kv) + lazy_act - held <= self.device_room():
+            if self.kv.bytes_to_resize(lazy_kv) + lazy_act - held + headroom <= self.device_room():
                 kv_blocks, act = lazy_kv, lazy_act
             if act < held:
                 self.activations.resize(act)  # shrink before the KV grows into the room
+            if self.external:
+                self.pool.set_policy(keep_free_bytes=headroom)
         self.kv.resize(kv_blocks)
         if self.mode == "elastic":
             self.activations.resize(act)
@@ -191,6 +215,8 @@ class Memory:
         if self.mode == "static" or idle:
             if self.mode == "elastic":
                 self.activations.resize(0)
+                if self.external:
+                    self.pool.set_policy(keep_free_bytes=self.keep_free_before)
             self.kv.resize(self._kv_blocks(high_water))
         if self.pool.borrowed_bytes:
             self.pool.return_borrowed()
@@ -198,3 +224,5 @@ class Memory:
     def release(self):
         self.activations.release()
         self.kv.release()
+        if self.external:
+            self.pool.set_policy(keep_free_bytes=self.keep_free_before)

@@ -139,3 +139,37 @@ def test_scoped_mem_pool():
     assert out["ours"] >= 32 << 20  # inside came from torch_ellm
     assert out["native"] >= 32 << 20  # outside from PyTorch's own allocator, whose stats still work
     assert out["sum"] == 4 * (8 << 20)
+
+
+ENGINE_RUN = """
+import json, torch, torch_ellm
+from transformers import LlamaConfig, LlamaForCausalLM
+from torch_ellm.integrations.engine.llm import LLM
+from torch_ellm.integrations.engine.sampling_params import SamplingParams
+torch_ellm.enable(budget="2GiB")
+config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+torch.manual_seed(0)
+with torch_ellm.tag("weights"):
+    model = LlamaForCausalLM(config).eval().cuda()
+prompts = [torch.randint(1, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 40, 90)]
+with torch.no_grad():
+    reference = [model.generate(torch.tensor([p]).cuda(), max_new_tokens=12, do_sample=False,
+                                attention_mask=torch.ones(1, len(p), dtype=torch.long).cuda())[0, len(p):].tolist()
+                 for p in prompts]
+llm = LLM(model, mode="elastic", max_model_len=256, max_num_batched_tokens=64, block_size=16)
+outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+print(json.dumps({"same": [o.token_ids for o in outs] == reference,
+                  "allocator_pool": torch_ellm.allocator.is_allocator_pool(llm.pool),
+                  "external": llm.memory.external,
+                  "charged": max(s["activation_bytes"] for s in llm.metrics.steps),
+                  "kv_peak": max(s["kv_bytes"] for s in llm.metrics.steps)}))
+"""
+
+
+def test_engine_under_enable_shares_the_allocator_pool():
+    """KV blocks, weights and activations in one pool: the engine takes the allocator's pool and keeps
+    room for activations instead of charging them; greedy outputs equal HF generate."""
+    r = run_python(ENGINE_RUN)
+    assert r["same"] and r["allocator_pool"] and r["external"]
+    assert r["charged"] == 0 and r["kv_peak"] > 0
