@@ -37,7 +37,10 @@ class Mirror:
 
     def resize(self, nbytes, gen):
         """Resize and fill any newly exposed bytes with random data. On failure (OOM) nothing changes."""
-        old = self.nbytes
+        old, chunk = self.nbytes, self.vt.pool.chunk_bytes
+        if nbytes > old and old % chunk and self.vt.pool.host_tier == "parked":
+            # The new bytes of the last chunk must be written: bring it back first, or fail as a resize would.
+            self.vt.prefetch(old - old % chunk, old)
         self.vt.resize(nbytes)
         kept = self.expected[: min(old, nbytes)]
         self.expected = torch.cat([kept, torch.empty(max(0, nbytes - old), dtype=torch.uint8)])
