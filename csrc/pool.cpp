@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <exception>
 
 #include "format.h"
 #include "virtual_tensor.h"
@@ -218,16 +219,17 @@ void Pool::unmap(uintptr_t addr, const std::vector<Chunk>& chunks) {
   if (chunks.empty()) return;
   // The driver's unmap does not wait for kernels that may still touch the range.
   backend_->synchronize();
-  // Parked chunks have nothing mapped: unmap the runs between them.
+  // Parked chunks have nothing mapped: unmap the runs between them, counting each as it goes.
   for (size_t i = 0; i < chunks.size();) {
     size_t j = i;
     while (j < chunks.size() && !parked(chunks[j])) ++j;
-    if (j > i) backend_->unmap(addr + i * chunk_bytes_, (j - i) * chunk_bytes_);
+    if (j > i) {
+      backend_->unmap(addr + i * chunk_bytes_, (j - i) * chunk_bytes_);
+      std::lock_guard<std::mutex> lock(mu_);
+      for (size_t k = i; k < j; ++k) tier(chunks[k].where).mapped -= 1;
+    }
     i = j + 1;
   }
-  std::lock_guard<std::mutex> lock(mu_);
-  for (const Chunk& c : chunks)
-    if (!parked(c)) tier(c.where).mapped -= 1;
 }
 
 void Pool::migrate(uintptr_t addr, const Chunk& from, const Chunk& to) {
@@ -243,7 +245,13 @@ void Pool::migrate(uintptr_t addr, const Chunk& from, const Chunk& to) {
     try {
       backend_->copy(addr, from.handle, chunk_bytes_);
     } catch (...) {
-      backend_->unmap(addr, chunk_bytes_);
+      try {
+        backend_->unmap(addr, chunk_bytes_);
+      } catch (const std::exception& e) {
+        // `to` would go back to the cache still mapped here and could be handed out twice: stop.
+        std::fprintf(stderr, "torch_ellm: fatal: a failed prefetch copy could not be unmapped: %s\n", e.what());
+        std::terminate();
+      }
       throw;
     }
     std::lock_guard<std::mutex> lock(mu_);

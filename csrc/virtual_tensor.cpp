@@ -208,7 +208,7 @@ void VirtualTensor::grant_peers_locked(size_t first, size_t count) {
 void VirtualTensor::check_no_view(size_t start, size_t end, const char* action) const {
   std::lock_guard<std::mutex> views(views_mu_);
   for (auto& v : views_)
-    if (v.first < end && start < v.second)
+    if (v.first < v.second && v.first < end && start < v.second)  // an empty view covers nothing
       throw InvalidArgument("cannot " + std::string(action) + " at bytes [" + std::to_string(start) + ", " +
                             (end == SIZE_MAX ? std::string("end") : std::to_string(end)) +
                             "): a live tensor view covers bytes [" + std::to_string(v.first) + ", " +

@@ -22,12 +22,14 @@ def test_fit_recovers_a_linear_cost_and_predicts():
     cost = StepCost(min_steps=4)
     truth = lambda tokens, pairs: 0.002 + 1e-4 * tokens + 2e-7 * pairs
     for tokens, pairs in [(1, 50), (8, 900), (64, 3000), (200, 20000), (16, 100_000), (300, 45_000)]:
-        assert not cost.ready or len(cost.history) >= 4
         cost.observe(StepWork(tokens, pairs, 0), truth(tokens, pairs))
     assert cost.ready
     assert cost.predict(100, 5000) == pytest.approx(truth(100, 5000), rel=1e-6)
-    limit = cost.max_prefill(8, 8000, 0.02, 1024)  # the most fresh tokens beside 8 decodes within 20 ms
+    limit = cost.max_prefill(8, 8000, 0, 0.02, 1024)  # the most fresh tokens beside 8 decodes within 20 ms
     assert truth(8 + limit, 8000 + limit * (limit + 1) // 2) <= 0.02 < truth(9 + limit, 8000 + (limit + 1) * (limit + 2) // 2)
+    later = cost.max_prefill(8, 8000, 3000, 0.02, 1024)  # the same, 3000 tokens into a prompt
+    assert later < limit
+    assert truth(8 + later, 8000 + later * 3000 + later * (later + 1) // 2) <= 0.02
 
 
 def test_a_feature_that_fits_negative_is_dropped():
@@ -36,7 +38,7 @@ def test_a_feature_that_fits_negative_is_dropped():
         cost.observe(StepWork(tokens, pairs, 0), seconds)  # more pairs, less time: noise the model must not believe
     coef = cost._fit()
     assert (coef >= 0).all() and coef[2] == 0
-    assert cost.max_prefill(0, 0, 10.0, 512) == 512  # everything fits a generous step
+    assert cost.max_prefill(0, 0, 0, 10.0, 512) == 512  # everything fits a generous step
 
 
 def request(prompt, tpot_slo=0.01, ttft_slo=1.0, arrival=0.0):
@@ -79,3 +81,15 @@ def test_prefill_budget_falls_back_without_model_or_decodes_at_stake():
     policy.prefill_budget = 256
     late = decoding(first_token_time=5.0)  # first token after its 1 s TTFT target: lost anyway
     assert policy.prefill_tokens(512, [late], queue, now=6.0) == 256
+
+
+def test_slow_steps_with_prefill_are_tpot_breaches_only_if_their_decodes_alone_are_too_slow():
+    policy = fitted_policy()  # 12 decodes alone: 1 ms + 12 * 50 us
+    relaxed = [decoding(first_token_time=1.0, tpot_slo=0.01) for _ in range(12)]
+    for _ in range(5):
+        policy.observe(0.02, StepWork(300, 0, 12), relaxed, [], now=1.0)  # slow from the prefill it chose
+    assert policy.batch_cap == 32 and policy.host_buffer == 0
+    tight = [decoding(first_token_time=1.0, tpot_slo=0.001) for _ in range(12)]
+    for _ in range(3):
+        policy.observe(0.02, StepWork(300, 0, 12), tight, [], now=1.0)  # the batch alone misses 1 ms
+    assert policy.batch_cap == 6

@@ -1,11 +1,13 @@
 """Hands out KV blocks by index, lowest free index first, so that used blocks gather at the front
 of each layer's virtual tensor and its tail can be unmapped.
 
-Prefix caching: a full block whose K/V are written is known by its key, (chain hash of the blocks
-before it, its token ids), and a sequence starting with the same tokens reuses it in place. Blocks
+Prefix caching: a full block whose K/V are written is known by its key, (SHA-256 chain digest of the
+blocks before it, its token ids), and a sequence starting with the same tokens reuses it in place. Blocks
 count their users; one freed by its last user stays free (lowest first, and out of the high water,
 so it never keeps the KV tail mapped) but keeps its key and contents until it is handed out anew or
 its chunk is unmapped."""
+import array
+import hashlib
 import heapq
 
 
@@ -62,26 +64,35 @@ class BlockManager:
         seq.block_table, seq.block_hashes = [], []
 
     def _key(self, seq, i):
-        """Block i of seq's tokens as the cache knows it. The dict compares the token ids too, so only
-        the earlier blocks are matched by hash alone."""
-        parent = seq.block_hashes[i - 1] if i else None
+        """Block i of seq's tokens as the cache knows it: (digest of the blocks before it, its tokens)."""
+        parent = seq.block_hashes[i - 1] if i else b""
         return parent, tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+
+    @staticmethod
+    def _digest(key):
+        """SHA-256 over the chain, not Python's hash(): a crafted prompt must not collide with another
+        request's prefix and read its K/V (vLLM's CVE-2025-25183)."""
+        parent, tokens = key
+        return hashlib.sha256(parent + array.array("q", tokens).tobytes()).digest()
 
     def take_cached(self, seq):
         """On admission (seq holds no block): attach the cached blocks of seq's longest cached prefix,
         reused in place, and mark their tokens computed. The last token is left out, so the step still
         runs it and gives logits. Returns the tokens found (0 with prefix caching off)."""
+        revived = set()  # free but intact blocks, back into use
         while self.prefix_caching and len(seq.block_hashes) < (len(seq) - 1) // self.block_size:
             key = self._key(seq, len(seq.block_hashes))
             block = self._cached.get(key)
             if block is None:
                 break
-            if block not in self._refs:  # free but intact: back into use
-                self._free.remove(block)
-                heapq.heapify(self._free)
+            if block not in self._refs:
+                revived.add(block)
             self._refs[block] = self._refs.get(block, 0) + 1
             seq.block_table.append(block)
-            seq.block_hashes.append(hash(key))
+            seq.block_hashes.append(self._digest(key))
+        if revived:  # one pass over the heap, however many blocks came back
+            self._free = [b for b in self._free if b not in revived]
+            heapq.heapify(self._free)
         seq.num_computed = len(seq.block_table) * self.block_size
         return seq.num_computed
 
@@ -89,7 +100,7 @@ class BlockManager:
         """After a step: make seq's blocks that are now full (all their K/V written) findable."""
         while self.prefix_caching and len(seq.block_hashes) < seq.num_computed // self.block_size:
             key = self._key(seq, len(seq.block_hashes))
-            seq.block_hashes.append(hash(key))
+            seq.block_hashes.append(self._digest(key))
             # Else another block holds these tokens already: a twin computed in the same step, or the
             # cached last block of a prompt that had to run again for its logits.
             if key not in self._cached:

@@ -31,6 +31,8 @@ class KVCache:
         if num_blocks == self.num_blocks:
             return
         old = self.num_blocks
+        if num_blocks < old and self.on_shrink:  # before: a shrink failing halfway has lost K/V too
+            self.on_shrink(num_blocks)
         self.views = []  # a live view would pin the bytes a shrink unmaps
         done = []
         try:
@@ -45,8 +47,6 @@ class KVCache:
         finally:
             self.num_blocks = num_blocks
             self.views = [vt.as_tensor((num_blocks, *self.block_shape), self.dtype) for vt in self.layers]
-        if num_blocks < old and self.on_shrink:
-            self.on_shrink(num_blocks)
 
     @property
     def device_bytes(self):

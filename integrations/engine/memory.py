@@ -173,10 +173,12 @@ class Memory:
 
     def fits(self, high_water, num_tokens, host_allowance=0):
         """Would a step with num_tokens tokens whose KV reaches block high_water fit, borrowing at most
-        host_allowance bytes of host memory?"""
+        host_allowance bytes of host memory? Borrowing moves KV already on the device, so it frees no
+        more than that."""
         need = (self.kv.bytes_to_resize(self._kv_blocks(high_water)) + self._activation_growth(num_tokens)
                 + self._headroom(num_tokens))
-        return need <= self.device_room() + min(host_allowance, self.host_room())
+        borrowable = min(host_allowance, self.host_room(), self.kv.device_bytes) if host_allowance > 0 else 0
+        return need <= self.device_room() + borrowable
 
     def max_blocks_alone(self):
         """The most KV blocks one request could ever hold (all others gone, the host budget borrowed)."""

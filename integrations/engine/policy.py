@@ -78,7 +78,11 @@ class SLOPolicy:
         if not targets or not self.cost.ready:
             return self.prefill_budget
         decode_pairs = sum(len(s) for s in decoders)  # one new token after len(s) - 1 computed
-        room = self.cost.max_prefill(len(decoders), decode_pairs, self.slack * min(targets), max_batched_tokens)
+        # Running prompts go first, each chunk after its computed tokens: price it at the longest context.
+        context = max((s.num_computed for s in running if s.num_uncomputed > 1 or s.first_token_time is None),
+                      default=0)
+        room = self.cost.max_prefill(len(decoders), decode_pairs, context, self.slack * min(targets),
+                                     max_batched_tokens)
         return max(self.min_prefill, room)
 
     def max_running(self, max_num_seqs):
@@ -89,13 +93,15 @@ class SLOPolicy:
 
     def observe(self, step_seconds, work, decoding, waiting, now):
         """step_seconds: how long the step took; work: its step_work(); decoding: the requests it decoded;
-        waiting: those queued. Only decode-only steps count as TPOT breaches: a slow step with prefill in
-        it is one prefill_tokens() chose, knowing its cost."""
+        waiting: those queued. A slow step with prefill in it counts as a TPOT breach only if its decodes
+        alone are predicted over the target: the prefill was sized knowing its cost, the batch was not."""
         self.cost.observe(work, step_seconds)
         targets = [s.tpot_slo for s in decoding if s.tpot_slo is not None]
-        decode_only = work.tokens == work.decodes
+        decodes_alone = step_seconds
+        if work.tokens > work.decodes and self.cost.ready:
+            decodes_alone = self.cost.predict(len(decoding), sum(len(s) for s in decoding))
         # A batch above the cap is one admitted before the cap fell: the cap already acts on it.
-        self.tpot_history.append(bool(targets) and decode_only and step_seconds > min(targets)
+        self.tpot_history.append(bool(targets) and min(step_seconds, decodes_alone) > min(targets)
                                  and len(decoding) <= self.batch_cap)
         self.ttft_history.append(any(s.ttft_slo is not None and now - s.arrival > s.ttft_slo for s in waiting))
         if sum(self.tpot_history) >= self.breaches:

@@ -55,14 +55,14 @@ class StepCost:
         c = self._coef
         return float(c[0] + c[1] * tokens + c[2] * pairs)
 
-    def max_prefill(self, decode_tokens, decode_pairs, seconds, limit):
+    def max_prefill(self, decode_tokens, decode_pairs, context, seconds, limit):
         """The most prefill tokens (0..limit) a step with these decodes may add and still be predicted to
-        take at most `seconds`; fresh prompt tokens score pairs among themselves only (a worst case of one
-        prompt, which is what makes long prefills cost more than their token count)."""
+        take at most `seconds`, priced as one chunk after `context` computed tokens (n*context +
+        n*(n+1)/2 pairs: the worst case for n tokens of prompts that far along)."""
         lo, hi = 0, limit
         while lo < hi:  # the prediction grows with the prefill: bisect
             mid = (lo + hi + 1) // 2
-            fits = self.predict(decode_tokens + mid, decode_pairs + mid * (mid + 1) // 2) <= seconds
+            fits = self.predict(decode_tokens + mid, decode_pairs + mid * context + mid * (mid + 1) // 2) <= seconds
             lo, hi = (mid, hi) if fits else (lo, mid - 1)
         return lo
 
