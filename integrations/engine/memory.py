@@ -177,8 +177,10 @@ class Memory:
         more than that."""
         need = (self.kv.bytes_to_resize(self._kv_blocks(high_water)) + self._activation_growth(num_tokens)
                 + self._headroom(num_tokens))
-        borrowable = min(host_allowance, self.host_room(), self.kv.device_bytes) if host_allowance > 0 else 0
-        return need <= self.device_room() + borrowable
+        room = self.device_room()
+        if need <= room or host_allowance <= 0:
+            return need <= room
+        return need <= room + min(host_allowance, self.host_room(), self.kv.device_bytes)
 
     def max_blocks_alone(self):
         """The most KV blocks one request could ever hold (all others gone, the host budget borrowed)."""

@@ -98,7 +98,7 @@ class SLOPolicy:
         self.cost.observe(work, step_seconds)
         targets = [s.tpot_slo for s in decoding if s.tpot_slo is not None]
         decodes_alone = step_seconds
-        if work.tokens > work.decodes and self.cost.ready:
+        if targets and work.tokens > work.decodes and self.cost.ready:
             decodes_alone = self.cost.predict(len(decoding), sum(len(s) for s in decoding))
         # A batch above the cap is one admitted before the cap fell: the cap already acts on it.
         self.tpot_history.append(bool(targets) and min(step_seconds, decodes_alone) > min(targets)

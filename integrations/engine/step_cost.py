@@ -31,7 +31,7 @@ class StepCost:
     def __init__(self, window=64, min_steps=8, refit=8):
         self.history = deque()
         self.window, self.min_steps, self.refit = window, min_steps, refit
-        self._xtx, self._xty = np.zeros((3, 3)), np.zeros(3)
+        self._xtx, self._xty = [[0.0] * 3 for _ in range(3)], [0.0] * 3
         self._coef, self._unfitted = None, 0
 
     @property
@@ -39,15 +39,18 @@ class StepCost:
         return len(self.history) >= self.min_steps
 
     def observe(self, work, seconds):
-        x = np.array([1.0, work.tokens, work.pairs])
-        self.history.append((x, seconds))
-        self._xtx += np.outer(x, x)
-        self._xty += x * seconds
+        self.history.append(((1.0, float(work.tokens), float(work.pairs)), seconds))
+        self._accumulate(*self.history[-1], 1.0)
         if len(self.history) > self.window:
-            old, old_seconds = self.history.popleft()
-            self._xtx -= np.outer(old, old)
-            self._xty -= old * old_seconds
+            self._accumulate(*self.history.popleft(), -1.0)
         self._unfitted += 1
+
+    def _accumulate(self, x, seconds, sign):
+        # Plain floats: for a 3-vector they are several times faster than numpy calls.
+        for i in range(3):
+            self._xty[i] += sign * x[i] * seconds
+            for j in range(3):
+                self._xtx[i][j] += sign * x[i] * x[j]
 
     def predict(self, tokens, pairs):
         if self._coef is None or self._unfitted >= self.refit:
@@ -68,8 +71,9 @@ class StepCost:
 
     def _fit(self):
         # Features differ in scale by orders of magnitude: solve in units of each one's largest value.
-        scale = np.sqrt(np.maximum(np.diag(self._xtx), 1e-30))
-        xtx, xty = self._xtx / np.outer(scale, scale), self._xty / scale
+        xtx, xty = np.array(self._xtx), np.array(self._xty)
+        scale = np.sqrt(np.maximum(np.diag(xtx), 1e-30))
+        xtx, xty = xtx / np.outer(scale, scale), xty / scale
         active = [0, 1, 2]
         while active:
             coef = np.zeros(3)
