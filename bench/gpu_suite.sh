@@ -1,22 +1,30 @@
 #!/usr/bin/env bash
-# The GPU suite, in one go on a machine with CUDA: build, every GPU test, every GPU benchmark.
-# Writes bench/results/gpu_suite_<device>_<date>.txt beside the benchmarks' own JSON files.
+# The GPU suite on a machine with CUDA: build, every GPU test, every GPU benchmark.
+#   bash bench/gpu_suite.sh                 # everything, in one go
+#   bash bench/gpu_suite.sh tests pool      # some parts: tests pool elastic allocator hf_generate engine
+# Parts append to bench/results/gpu_suite_<device>_<date>.txt (beside the benchmarks' own JSON files),
+# so a suite split over several shorter runs still ends in one file.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(tests pool elastic allocator hf_generate engine)
 device=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '_' || true)
 out="bench/results/gpu_suite_${device:-unknown}_$(date +%Y-%m-%d).txt"
 mkdir -p bench/results
 {
-  echo "# torch_ellm GPU suite on ${device:-unknown GPU}, $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo "# torch_ellm GPU suite on ${device:-unknown GPU}, $(date -u +%Y-%m-%dT%H:%MZ): ${parts[*]}"
   python -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])"
   python -m pip install -q --no-build-isolation --no-deps -e . || exit 1
   status=0
-  python -m pytest -m gpu -v -rs tests || status=1
-  for bench in pool elastic allocator hf_generate engine; do
-    echo "## bench/$bench.py"
-    python "bench/$bench.py" --device cuda || status=1
+  for part in "${parts[@]}"; do
+    echo "## $part"
+    case "$part" in
+      tests) python -m pytest -m gpu -v -rs tests || status=1 ;;
+      pool|elastic|allocator|hf_generate|engine) python "bench/$part.py" --device cuda || status=1 ;;
+      *) echo "unknown part '$part': expected tests, pool, elastic, allocator, hf_generate or engine"; status=2 ;;
+    esac
   done
-  echo "# suite exit status $status"
+  echo "# exit status $status"
   exit $status
-} 2>&1 | tee "$out"
+} 2>&1 | tee -a "$out"
