@@ -12,13 +12,24 @@ constexpr size_t kMinBlock = 512;       // PyTorch's rounding for small blocks
 constexpr size_t kSmallMax = 1 << 20;   // PyTorch's small/large boundary
 
 size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+
+// Up to 32 pages a chunk, each a multiple of the smallest block.
+size_t pages_per_chunk(size_t chunk) {
+  size_t pages = std::min<size_t>(32, chunk / kMinBlock);
+  while (chunk % (pages * kMinBlock) != 0) --pages;
+  return pages;
+}
+
+uint32_t page_run(size_t pages) { return pages >= 32 ? ~0u : (1u << pages) - 1; }
 }  // namespace
 
 CachingAllocator::CachingAllocator(std::shared_ptr<Pool> pool)
     : pool_(std::move(pool)),
       chunk_(pool_->chunk_bytes()),
-      // A slab holds at least four slots of its largest class.
-      small_limit_(std::max(kMinBlock, std::min(kSmallMax, pool_->chunk_bytes() / 4))) {}
+      // A chunk holds at least four slots of the largest class.
+      small_limit_(std::max(kMinBlock, std::min(kSmallMax, pool_->chunk_bytes() / 4))),
+      pages_per_chunk_(pages_per_chunk(chunk_)),
+      page_(chunk_ / pages_per_chunk_) {}
 
 void CachingAllocator::register_with_pool(const std::shared_ptr<CachingAllocator>& self) {
   std::weak_ptr<CachingAllocator> weak = self;
@@ -119,24 +130,46 @@ void* CachingAllocator::allocate(size_t size, uintptr_t stream, Tag tag) {
 
 void* CachingAllocator::allocate_small(size_t size, size_t cls, uintptr_t stream, Tag tag) {
   Key key{stream, tag, cls};
+  // At least four slots where they fit in a chunk, in whole pages.
+  size_t pages = std::min(pages_per_chunk_, (std::max(page_, 4 * cls) + page_ - 1) / page_);
   {
     std::lock_guard<std::mutex> lock(mu_);
     process_events_locked();
     for (auto& slab : slabs_[key])
       if (!slab->free_slots.empty()) return take_slot_locked(slab.get(), size, stream, tag);
+    if (Slab* slab = carve_locked(key, pages)) return take_slot_locked(slab, size, stream, tag);
   }
-  // A new slab, made without our lock: the pool may call consumers that need the GIL.
+  // A new chunk, made without our lock: the pool may call consumers that need the GIL.
   auto range = std::make_shared<VirtualTensor>(pool_, chunk_, tag);
   range->resize(chunk_);
-  auto slab = std::make_unique<Slab>(Slab{range, cls, {}, 0});
-  size_t slots = chunk_ / cls;
-  for (size_t i = slots; i-- > 0;) slab->free_slots.push_back(range->data_ptr() + i * cls);
   std::lock_guard<std::mutex> lock(mu_);
   add_reserved_locked(chunk_);
   segments_ += 1;
-  Slab* fresh = slab.get();
-  slabs_[key].push_back(std::move(slab));
-  return take_slot_locked(fresh, size, stream, tag);
+  small_chunks_.push_back(std::make_unique<SmallChunk>(SmallChunk{range, tag}));
+  return take_slot_locked(carve_from_locked(*small_chunks_.back(), key, pages), size, stream, tag);
+}
+
+CachingAllocator::Slab* CachingAllocator::carve_locked(const Key& key, size_t pages) {
+  for (auto& chunk : small_chunks_)
+    if (chunk->tag == key.tag)
+      if (Slab* slab = carve_from_locked(*chunk, key, pages)) return slab;
+  return nullptr;
+}
+
+CachingAllocator::Slab* CachingAllocator::carve_from_locked(SmallChunk& chunk, const Key& key, size_t pages) {
+  for (size_t first = 0; first + pages <= pages_per_chunk_; ++first) {
+    uint32_t run = page_run(pages) << first;
+    if (chunk.pages_used & run) continue;
+    chunk.pages_used |= run;
+    chunk.slabs += 1;
+    auto slab = std::make_unique<Slab>(Slab{&chunk, first, pages, key.size_class, {}, 0});
+    uintptr_t base = chunk.range->data_ptr() + first * page_;
+    for (size_t i = pages * page_ / key.size_class; i-- > 0;) slab->free_slots.push_back(base + i * key.size_class);
+    Slab* out = slab.get();
+    slabs_[key].push_back(std::move(slab));
+    return out;
+  }
+  return nullptr;
 }
 
 void* CachingAllocator::take_cached_large(size_t chunks, size_t size, uintptr_t stream, Tag tag) {
@@ -265,7 +298,7 @@ void CachingAllocator::grant_access(void* p, int peer_device) {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = live_.find(reinterpret_cast<uintptr_t>(p));
     if (it == live_.end()) throw InvalidArgument("torch_ellm: grant_access on a pointer this allocator did not hand out");
-    range = it->second->slab ? it->second->slab->range : it->second->range;
+    range = it->second->slab ? it->second->slab->chunk->range : it->second->range;
   }
   range->grant_access(peer_device);
 }
@@ -298,14 +331,26 @@ void CachingAllocator::process_events_locked() {
 size_t CachingAllocator::empty_cache_locked(std::vector<std::shared_ptr<VirtualTensor>>& to_release) {
   process_events_locked();
   size_t freed = 0;
+  bool pages_freed = false;
   for (auto& [key, list] : slabs_) {
     auto keep = std::stable_partition(list.begin(), list.end(), [](const auto& s) { return s->used > 0; });
     for (auto it = keep; it != list.end(); ++it) {
-      to_release.push_back((*it)->range);
-      freed += chunk_;
+      (*it)->chunk->pages_used &= ~(page_run((*it)->pages) << (*it)->first_page);
+      (*it)->chunk->slabs -= 1;
+      pages_freed = true;
     }
     list.erase(keep, list.end());
   }
+  auto busy = std::stable_partition(small_chunks_.begin(), small_chunks_.end(),
+                                    [](const auto& c) { return c->slabs > 0; });
+  for (auto it = busy; it != small_chunks_.end(); ++it) {
+    to_release.push_back((*it)->range);
+    freed += chunk_;
+  }
+  small_chunks_.erase(busy, small_chunks_.end());
+  // Pages freed in a chunk that stays may go to a slab of another stream next,
+  // while work queued on the old one may still use them: let that work finish.
+  if (pages_freed && !small_chunks_.empty()) pool_->synchronize();
   for (auto& [key, cached] : large_) {
     for (auto& [chunks, b] : cached) {
       to_release.push_back(b->range);
@@ -321,8 +366,10 @@ size_t CachingAllocator::empty_cache_locked(std::vector<std::shared_ptr<VirtualT
 size_t CachingAllocator::cached_bytes() const {
   std::lock_guard<std::mutex> lock(mu_);
   size_t bytes = 0;
+  std::map<const SmallChunk*, bool> busy;  // a chunk with a block in use stays mapped
   for (auto& [key, list] : slabs_)
-    for (auto& slab : list) bytes += slab->used == 0 ? chunk_ : 0;
+    for (auto& slab : list) busy[slab->chunk] = busy[slab->chunk] || slab->used > 0;
+  for (auto& chunk : small_chunks_) bytes += busy[chunk.get()] ? 0 : chunk_;
   for (auto& [key, cached] : large_)
     for (auto& [chunks, b] : cached) bytes += chunks * chunk_;
   return bytes;

@@ -1,8 +1,11 @@
 // CachingAllocator: PyTorch's alloc/free over one Pool, per device.
-// Small requests share one-chunk slabs by size class; large requests get their
-// own virtual range, mapped chunk by chunk from anywhere in the pool, so a
-// large block needs free chunks, never contiguous physical memory. Freed blocks
-// are cached per stream and reused on that stream without a driver call.
+// Small requests (up to 1 MiB or a quarter chunk) share slabs by size class: a
+// slab is a run of pages (a 32nd of a chunk) in a chunk shared by the slabs of
+// one tag, as in mimalloc, so a size class used once costs its pages, not a
+// chunk. Larger requests get their own virtual range, mapped chunk by chunk
+// from anywhere in the pool, so a large block needs free chunks, never
+// contiguous physical memory. Freed blocks are cached per stream and reused on
+// that stream without a driver call.
 #pragma once
 #include <cstdint>
 #include <map>
@@ -39,10 +42,15 @@ class CachingAllocator {
   size_t live_blocks() const;
   bool owns(void* ptr) const;
   std::shared_ptr<Pool> pool() { return pool_; }
-  size_t small_limit() const { return small_limit_; }
 
  private:
   struct Slab;
+  struct SmallChunk {  // one mapped chunk of a tag, carved into pages for slabs
+    std::shared_ptr<VirtualTensor> range;
+    Tag tag;
+    uint32_t pages_used = 0;  // bit i: page i belongs to a slab
+    size_t slabs = 0;
+  };
   struct Block {
     uintptr_t ptr;
     size_t size;       // bytes asked for
@@ -55,7 +63,8 @@ class CachingAllocator {
     std::vector<uint64_t> events;            // pending before reuse
   };
   struct Slab {
-    std::shared_ptr<VirtualTensor> range;
+    SmallChunk* chunk;
+    size_t first_page, pages;
     size_t slot;
     std::vector<uintptr_t> free_slots;
     size_t used = 0;
@@ -85,13 +94,18 @@ class CachingAllocator {
   // Record b as live and return its pointer.
   void* hand_out_locked(std::unique_ptr<Block> b);
   void* take_slot_locked(Slab* slab, size_t size, uintptr_t stream, Tag tag);
+  // A new slab of class cls in a chunk of tag with `pages` free pages in a row; null if none has.
+  Slab* carve_locked(const Key& key, size_t pages);
+  Slab* carve_from_locked(SmallChunk& chunk, const Key& key, size_t pages);
 
   std::shared_ptr<Pool> pool_;
   int consumer_id_ = 0;
   const size_t chunk_;
   const size_t small_limit_;
+  const size_t pages_per_chunk_, page_;
   mutable std::mutex mu_;
   std::unordered_map<uintptr_t, std::unique_ptr<Block>> live_;
+  std::vector<std::unique_ptr<SmallChunk>> small_chunks_;              // small: chunks of pages
   std::map<Key, std::vector<std::unique_ptr<Slab>>> slabs_;             // small: slabs by class
   std::map<Key, std::multimap<size_t, std::unique_ptr<Block>>> large_;  // large: cached blocks by chunks
   std::vector<std::unique_ptr<Block>> pending_;                         // freed, waiting on events

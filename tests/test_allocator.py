@@ -196,14 +196,31 @@ def assert_counters(retries, reserved):
 
 def test_retry_frees_cached_blocks():
     configure("1MiB")  # 16 chunks of 64 KiB
-    # Ten size classes, one slab (chunk) each, all freed: cached, still mapped.
+    # Ten size classes, a slab of pages each in a few shared chunks, all freed: cached, still mapped.
     for size in (512, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384):
         free(alloc(size))
-    assert stats()["reserved_bytes.all.current"] == 10 * 64 * KiB
-    # 512 KiB needs 8 chunks and only 6 are free beside the cached slabs.
-    ptr = alloc(512 * KiB)
-    assert_counters(retries=1, reserved=512 * KiB)
+    cached = stats()["reserved_bytes.all.current"] // CHUNK
+    assert 0 < cached < 10
+    # One chunk more than is free beside the cached slabs.
+    ptr = alloc((16 - cached + 1) * CHUNK)
+    assert_counters(retries=1, reserved=(16 - cached + 1) * CHUNK)
     free(ptr)
+    assert_all_returned()
+
+
+def test_size_classes_share_chunks_by_pages():
+    torch_ellm.configure("host", budget="64MiB", chunk="2MiB", granularity="2MiB")
+    live = Live()
+    sizes = [512 * 2 ** k for k in range(8)] + [768 * 2 ** k for k in range(7)]  # 15 classes, 512 B to 64 KiB
+    for i, size in enumerate(sizes):
+        ptr = alloc(size)
+        fill(ptr, size, i)
+        live.add(ptr, size, i)
+    # A 64 KiB page holds four 16 KiB slots, 64 KiB blocks take four pages: 22 pages in all, one chunk.
+    assert stats()["reserved_bytes.all.current"] == 2 * MiB
+    for ptr in list(live.blocks):
+        live.remove(ptr)
+        free(ptr)
     assert_all_returned()
 
 
@@ -232,9 +249,12 @@ def test_cached_block_is_reused_on_its_stream_only(size):
     assert len(torch_ellm.pool(0).events()) == pool_events  # straight from the cache
     free(again)
     other = alloc(size, stream=2)
-    # Never the cached block as it is: fresh chunks, or the cached block's chunks after an
-    # unmap (which synchronizes), and either way the pool sees it.
-    assert len(torch_ellm.pool(0).events()) > pool_events
+    if size > MiB:
+        # Never the cached block as it is: fresh chunks, or the cached block's chunks after an
+        # unmap (which synchronizes), and either way the pool sees it.
+        assert len(torch_ellm.pool(0).events()) > pool_events
+    else:
+        assert other != first  # another slab: pages of its own, in the same chunk or another
     free(other)
     assert_all_returned()
 
