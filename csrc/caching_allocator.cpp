@@ -97,7 +97,11 @@ void* CachingAllocator::hand_out_locked(std::unique_ptr<Block> b) {
 void* CachingAllocator::take_slot_locked(Slab* slab, size_t size, uintptr_t stream, Tag tag) {
   uintptr_t ptr = slab->free_slots.back();
   slab->free_slots.pop_back();
-  slab->used += 1;
+  if (slab->free_slots.empty()) {  // no longer open; it is usually the last one
+    auto it = std::find(slab->open->rbegin(), slab->open->rend(), slab);
+    slab->open->erase(std::next(it).base());
+  }
+  if (slab->used++ == 0) slab->chunk->busy_slabs += 1;
   return hand_out_locked(std::make_unique<Block>(Block{ptr, size, slab->slot, stream, tag, slab, nullptr, {}, {}}));
 }
 
@@ -112,14 +116,15 @@ void* CachingAllocator::allocate(size_t size, uintptr_t stream, Tag tag) {
       // Like PyTorch: free every cached block, then try once more (the pool
       // itself has already deflated its consumers and borrowed host memory).
       std::vector<std::shared_ptr<VirtualTensor>> to_release;
-      size_t freed;
+      bool freed;
       {
         std::lock_guard<std::mutex> lock(mu_);
-        freed = empty_cache_locked(to_release);
-        if (attempt == 0 && freed > 0) num_alloc_retries_ += 1;
+        bool pages_freed = false;
+        freed = empty_cache_locked(to_release, &pages_freed) > 0 || pages_freed;
+        if (attempt == 0 && freed) num_alloc_retries_ += 1;
       }
       for (auto& vt : to_release) vt->release();
-      if (attempt == 0 && freed > 0) continue;
+      if (attempt == 0 && freed) continue;
       std::lock_guard<std::mutex> lock(mu_);
       num_ooms_ += 1;
       throw OutOfMemory(std::string(e.what()) + " The caching allocator holds " + format_bytes(allocated_) +
@@ -135,9 +140,12 @@ void* CachingAllocator::allocate_small(size_t size, size_t cls, uintptr_t stream
   {
     std::lock_guard<std::mutex> lock(mu_);
     process_events_locked();
-    for (auto& slab : slabs_[key])
-      if (!slab->free_slots.empty()) return take_slot_locked(slab.get(), size, stream, tag);
+    if (auto& open = slabs_[key].open; !open.empty()) return take_slot_locked(open.back(), size, stream, tag);
     if (Slab* slab = carve_locked(key, pages)) return take_slot_locked(slab, size, stream, tag);
+    // No room in our chunks. A new one if the pool has it free; else the pages
+    // of our own empty slabs first, before the pool asks anyone else to shrink.
+    if (pool_->free_chunks(Location::Device, tag) == 0 && drop_empty_slabs_locked(&tag))
+      if (Slab* slab = carve_locked(key, pages)) return take_slot_locked(slab, size, stream, tag);
   }
   // A new chunk, made without our lock: the pool may call consumers that need the GIL.
   auto range = std::make_shared<VirtualTensor>(pool_, chunk_, tag);
@@ -150,8 +158,9 @@ void* CachingAllocator::allocate_small(size_t size, size_t cls, uintptr_t stream
 }
 
 CachingAllocator::Slab* CachingAllocator::carve_locked(const Key& key, size_t pages) {
+  const uint32_t full = page_run(pages_per_chunk_);
   for (auto& chunk : small_chunks_)
-    if (chunk->tag == key.tag)
+    if (chunk->tag == key.tag && chunk->pages_used != full)
       if (Slab* slab = carve_from_locked(*chunk, key, pages)) return slab;
   return nullptr;
 }
@@ -162,12 +171,13 @@ CachingAllocator::Slab* CachingAllocator::carve_from_locked(SmallChunk& chunk, c
     if (chunk.pages_used & run) continue;
     chunk.pages_used |= run;
     chunk.slabs += 1;
-    auto slab = std::make_unique<Slab>(Slab{&chunk, first, pages, key.size_class, {}, 0});
+    SlabList& list = slabs_[key];
+    auto slab = std::make_unique<Slab>(Slab{&chunk, &list.open, first, pages, key.size_class, {}, 0});
     uintptr_t base = chunk.range->data_ptr() + first * page_;
     for (size_t i = pages * page_ / key.size_class; i-- > 0;) slab->free_slots.push_back(base + i * key.size_class);
-    Slab* out = slab.get();
-    slabs_[key].push_back(std::move(slab));
-    return out;
+    list.open.push_back(slab.get());
+    list.all.push_back(std::move(slab));
+    return list.open.back();
   }
   return nullptr;
 }
@@ -304,9 +314,10 @@ void CachingAllocator::grant_access(void* p, int peer_device) {
 }
 
 void CachingAllocator::recycle_locked(std::unique_ptr<Block> b) {
-  if (b->slab) {
-    b->slab->free_slots.push_back(b->ptr);
-    b->slab->used -= 1;
+  if (Slab* slab = b->slab) {
+    if (slab->free_slots.empty()) slab->open->push_back(slab);
+    slab->free_slots.push_back(b->ptr);
+    if (--slab->used == 0) slab->chunk->busy_slabs -= 1;
     return;
   }
   size_t chunks = b->capacity / chunk_;
@@ -328,19 +339,34 @@ void CachingAllocator::process_events_locked() {
   }
 }
 
-size_t CachingAllocator::empty_cache_locked(std::vector<std::shared_ptr<VirtualTensor>>& to_release) {
-  process_events_locked();
-  size_t freed = 0;
-  bool pages_freed = false;
+bool CachingAllocator::drop_empty_slabs_locked(const Tag* tag) {
+  auto droppable = [tag](const Slab& s) { return s.used == 0 && (!tag || s.chunk->tag == *tag); };
+  bool any = false;
+  for (auto& [key, list] : slabs_)
+    for (auto& slab : list.all) any = any || droppable(*slab);
+  if (!any) return false;
+  // The freed pages may go to a slab of another stream next, while work queued
+  // on the old one may still use them: let that work finish. First, so that a
+  // failure leaves everything as it was.
+  pool_->synchronize();
   for (auto& [key, list] : slabs_) {
-    auto keep = std::stable_partition(list.begin(), list.end(), [](const auto& s) { return s->used > 0; });
-    for (auto it = keep; it != list.end(); ++it) {
+    list.open.erase(std::remove_if(list.open.begin(), list.open.end(), [&](Slab* s) { return droppable(*s); }),
+                    list.open.end());
+    auto dropped = std::stable_partition(list.all.begin(), list.all.end(), [&](const auto& s) { return !droppable(*s); });
+    for (auto it = dropped; it != list.all.end(); ++it) {
       (*it)->chunk->pages_used &= ~(page_run((*it)->pages) << (*it)->first_page);
       (*it)->chunk->slabs -= 1;
-      pages_freed = true;
     }
-    list.erase(keep, list.end());
+    list.all.erase(dropped, list.all.end());
   }
+  return true;
+}
+
+size_t CachingAllocator::empty_cache_locked(std::vector<std::shared_ptr<VirtualTensor>>& to_release,
+                                            bool* pages_freed) {
+  process_events_locked();
+  size_t freed = 0, released = to_release.size();
+  bool dropped = drop_empty_slabs_locked(nullptr);
   auto busy = std::stable_partition(small_chunks_.begin(), small_chunks_.end(),
                                     [](const auto& c) { return c->slabs > 0; });
   for (auto it = busy; it != small_chunks_.end(); ++it) {
@@ -348,9 +374,7 @@ size_t CachingAllocator::empty_cache_locked(std::vector<std::shared_ptr<VirtualT
     freed += chunk_;
   }
   small_chunks_.erase(busy, small_chunks_.end());
-  // Pages freed in a chunk that stays may go to a slab of another stream next,
-  // while work queued on the old one may still use them: let that work finish.
-  if (pages_freed && !small_chunks_.empty()) pool_->synchronize();
+  if (pages_freed) *pages_freed = dropped;
   for (auto& [key, cached] : large_) {
     for (auto& [chunks, b] : cached) {
       to_release.push_back(b->range);
@@ -359,17 +383,14 @@ size_t CachingAllocator::empty_cache_locked(std::vector<std::shared_ptr<VirtualT
     cached.clear();
   }
   reserved_ -= freed;
-  segments_ -= to_release.size();
+  segments_ -= to_release.size() - released;
   return freed;
 }
 
 size_t CachingAllocator::cached_bytes() const {
   std::lock_guard<std::mutex> lock(mu_);
   size_t bytes = 0;
-  std::map<const SmallChunk*, bool> busy;  // a chunk with a block in use stays mapped
-  for (auto& [key, list] : slabs_)
-    for (auto& slab : list) busy[slab->chunk] = busy[slab->chunk] || slab->used > 0;
-  for (auto& chunk : small_chunks_) bytes += busy[chunk.get()] ? 0 : chunk_;
+  for (auto& chunk : small_chunks_) bytes += chunk->busy_slabs ? 0 : chunk_;  // a block in use keeps it mapped
   for (auto& [key, cached] : large_)
     for (auto& [chunks, b] : cached) bytes += chunks * chunk_;
   return bytes;

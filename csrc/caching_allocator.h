@@ -49,7 +49,8 @@ class CachingAllocator {
     std::shared_ptr<VirtualTensor> range;
     Tag tag;
     uint32_t pages_used = 0;  // bit i: page i belongs to a slab
-    size_t slabs = 0;
+    size_t slabs = 0;         // slabs carved from it
+    size_t busy_slabs = 0;    // of those, the ones with a block handed out
   };
   struct Block {
     uintptr_t ptr;
@@ -64,10 +65,15 @@ class CachingAllocator {
   };
   struct Slab {
     SmallChunk* chunk;
+    std::vector<Slab*>* open;  // its class's slabs with a free slot (this one, while it has one)
     size_t first_page, pages;
     size_t slot;
     std::vector<uintptr_t> free_slots;
     size_t used = 0;
+  };
+  struct SlabList {  // the slabs of one (stream, tag, size class)
+    std::vector<std::unique_ptr<Slab>> all;
+    std::vector<Slab*> open;  // those with a free slot: a hit costs no search
   };
   // Free lists are keyed by stream and tag: reuse stays on the stream that
   // freed a block, and pool stats by tag stay exact.
@@ -88,7 +94,12 @@ class CachingAllocator {
   std::unique_ptr<Block> take_resizable_locked(size_t chunks, uintptr_t stream, Tag tag);
   void recycle_cached_large_locked(size_t chunks, std::vector<std::shared_ptr<VirtualTensor>>& to_release);
   void process_events_locked();
-  size_t empty_cache_locked(std::vector<std::shared_ptr<VirtualTensor>>& to_release);
+  // Drop every cached block and empty slab; chunks left without slabs go to
+  // to_release. Returns the bytes that will go back to the pool; *pages_freed
+  // says whether pages inside chunks that stay became free as well.
+  size_t empty_cache_locked(std::vector<std::shared_ptr<VirtualTensor>>& to_release, bool* pages_freed = nullptr);
+  // Free the pages of empty slabs (of `tag` only, if given); false if there were none.
+  bool drop_empty_slabs_locked(const Tag* tag);
   void count_alloc_locked(const Block& b, int sign);
   void add_reserved_locked(size_t bytes);
   // Record b as live and return its pointer.
@@ -106,7 +117,7 @@ class CachingAllocator {
   mutable std::mutex mu_;
   std::unordered_map<uintptr_t, std::unique_ptr<Block>> live_;
   std::vector<std::unique_ptr<SmallChunk>> small_chunks_;              // small: chunks of pages
-  std::map<Key, std::vector<std::unique_ptr<Slab>>> slabs_;             // small: slabs by class
+  std::map<Key, SlabList> slabs_;                                       // small: slabs by class
   std::map<Key, std::multimap<size_t, std::unique_ptr<Block>>> large_;  // large: cached blocks by chunks
   std::vector<std::unique_ptr<Block>> pending_;                         // freed, waiting on events
   // Counters with PyTorch's names (memory_stats()).

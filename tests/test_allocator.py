@@ -208,6 +208,23 @@ def test_retry_frees_cached_blocks():
     assert_all_returned()
 
 
+def test_empty_slabs_give_their_pages_before_anyone_shrinks():
+    configure("64KiB")  # one chunk of 32 pages of 2 KiB
+    asked = []
+    consumer = torch_ellm.pool(0).add_consumer("other", lambda want: asked.append(want) or 0)
+    held = alloc(512)
+    free(alloc(12 * KiB))  # 24 pages
+    free(alloc(3 * KiB))   # 6 pages: 31 of 32 taken, two slabs empty
+    ptr = alloc(1 * KiB)   # 2 pages: only the empty slabs' pages can hold it
+    s = stats()
+    assert (s["num_ooms"], s["num_alloc_retries"], s["reserved_bytes.all.current"]) == (0, 0, CHUNK)
+    assert not asked
+    torch_ellm.pool(0).remove_consumer(consumer)
+    free(ptr)
+    free(held)
+    assert_all_returned()
+
+
 def test_size_classes_share_chunks_by_pages():
     torch_ellm.configure("host", budget="64MiB", chunk="2MiB", granularity="2MiB")
     live = Live()
