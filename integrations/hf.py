@@ -21,6 +21,7 @@ import weakref
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .. import allocator
 from ..pool import Pool
 
 
@@ -194,8 +195,10 @@ class ElasticCache(Cache):
         max_position_embeddings); only the tokens written are ever mapped.
     pool: a Pool, or a list of Pools, one per device; layers on a device without one get a new
         pool (host backend for CPU, cuda backend for a GPU) built with budget_bytes,
-        host_budget_bytes and chunk_bytes. With accelerate's device_map each layer's cache
-        lives on its own layer's device.
+        host_budget_bytes and chunk_bytes, except on a GPU under torch_ellm.enable(): there they
+        take the allocator's pool, so that cache, weights and activations share one budget (set
+        by enable()). With accelerate's device_map each layer's cache lives on its own layer's
+        device.
     Under memory pressure a pool asks the cache to unmap the chunks past its live tokens (after
     crop); with host_budget_bytes > 0 the pool moves cold prefix chunks to host memory at the same
     address and return_borrowed() brings them back.
@@ -219,8 +222,14 @@ class ElasticCache(Cache):
         if device not in self.pools:
             if device.type not in ("cpu", "cuda"):
                 raise ValueError(f"ElasticCache runs on cpu or cuda, not {device}")
-            backend = "host" if device.type == "cpu" else "cuda"
-            self.pools[device] = Pool(backend, device.index or 0, **self.pool_kwargs)
+            if device.type == "cuda" and allocator.is_enabled():
+                if any(self.pool_kwargs.values()):
+                    raise ValueError("under torch_ellm.enable() the cache takes the allocator's pool, whose budgets "
+                                     "enable() sets: leave budget_bytes, host_budget_bytes and chunk_bytes out")
+                self.pools[device] = allocator.pool(device)
+            else:
+                backend = "host" if device.type == "cpu" else "cuda"
+                self.pools[device] = Pool(backend, device.index or 0, **self.pool_kwargs)
         pool = self.pools[device]
         if device not in self.consumers:
             me = weakref.ref(self)  # the pool must not keep a forgotten cache alive

@@ -183,6 +183,14 @@ def test_over_budget_without_host_memory_raises_and_releases():
     assert ids.shape[1] > 12
 
 
+def test_budgets_under_enable_are_refused(monkeypatch):
+    """Under enable() GPU layers take the allocator's pool: its own budgets would split the GPU in two."""
+    monkeypatch.setattr(torch_ellm.allocator, "is_enabled", lambda: True)
+    cache = ElasticCache(LlamaConfig(num_hidden_layers=1), 64, budget_bytes=1 << 20)
+    with pytest.raises(ValueError, match="allocator's pool"):
+        cache.pool_for(torch.device("cuda", 0))
+
+
 def test_cache_keyword_follows_the_installed_transformers():
     class Old(torch.nn.Module):
         def forward(self, input_ids, past_key_values=None):

@@ -141,17 +141,21 @@ def test_scoped_mem_pool():
     assert out["sum"] == 4 * (8 << 20)
 
 
-ENGINE_RUN = """
+# A small random Llama on the GPU under enable(), weights tagged.
+ENABLED_MODEL = """
 import json, torch, torch_ellm
 from transformers import LlamaConfig, LlamaForCausalLM
-from torch_ellm.integrations.engine.llm import LLM
-from torch_ellm.integrations.engine.sampling_params import SamplingParams
 torch_ellm.enable(budget="2GiB")
 config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 torch.manual_seed(0)
 with torch_ellm.tag("weights"):
     model = LlamaForCausalLM(config).eval().cuda()
+"""
+
+ENGINE_RUN = ENABLED_MODEL + """
+from torch_ellm.integrations.engine.llm import LLM
+from torch_ellm.integrations.engine.sampling_params import SamplingParams
 prompts = [torch.randint(1, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 40, 90)]
 with torch.no_grad():
     reference = [model.generate(torch.tensor([p]).cuda(), max_new_tokens=12, do_sample=False,
@@ -173,3 +177,23 @@ def test_engine_under_enable_shares_the_allocator_pool():
     r = run_python(ENGINE_RUN)
     assert r["same"] and r["allocator_pool"] and r["external"]
     assert r["charged"] == 0 and r["kv_peak"] > 0
+
+
+HF_RUN = ENABLED_MODEL + """
+from torch_ellm.integrations.hf import ElasticCache, _cache_kwarg
+ids = torch.randint(1, 512, (2, 24), generator=torch.Generator().manual_seed(2)).cuda()
+args = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+with torch.no_grad():
+    dynamic = model.generate(**args)  # transformers' own DynamicCache
+    cache = ElasticCache(config, 64)
+    elastic = model.generate(**args, **{_cache_kwarg(model): cache})
+pool = cache.pools[torch.device("cuda", 0)]
+print(json.dumps({"same": torch.equal(dynamic, elastic),
+                  "allocator_pool": torch_ellm.allocator.is_allocator_pool(pool),
+                  "kv_in_pool": torch_ellm.memory_stats()["ellm.tag.kv.device_bytes"]}))
+"""
+
+
+def test_elastic_cache_under_enable_shares_the_allocator_pool():
+    r = run_python(HF_RUN)
+    assert r["same"] and r["allocator_pool"] and r["kv_in_pool"] > 0
