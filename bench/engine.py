@@ -1,5 +1,6 @@
 """Benchmark of the paged-KV engine: static/FCFS vs elastic/FCFS vs elastic/SLO-aware at one budget,
-with Hugging Face batched generate as the reference. Writes JSON and a plot under bench/results/.
+with Hugging Face batched generate as the reference, and prefix caching off vs on for requests that
+share a system prompt. Writes JSON and a plot under bench/results/.
 
     python bench/engine.py --quick          # CPU-sized, a few minutes
     python bench/engine.py --device cuda    # larger random-weight model on a GPU
@@ -113,6 +114,30 @@ def hf_reference(model, requests, vocab, batch, seed):
     return {"output_tokens_per_s": tokens / seconds}
 
 
+def shared_prefix(model, config, profile, vocab, n, seed):
+    """n requests sharing a system prompt (a quarter of the context) with short tails of their own, all at
+    once, served by elastic/FCFS with prefix caching off and on: {"off"|"on": summary columns}."""
+    rng = random.Random(seed)
+    system = [rng.randrange(vocab) for _ in range(config["engine_args"]["max_model_len"] // 4)]
+    prompts = [system + [rng.randrange(vocab) for _ in range(rng.randint(8, 64))] for _ in range(n)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    out = {}
+    for caching in (False, True):
+        llm = LLM(model, mode="elastic", budget_bytes=config["budget_bytes"], activation_profile=profile,
+                  enable_prefix_caching=caching, **config["engine_args"])
+        llm.generate(prompts, params, use_tqdm=False)
+        s = llm.metrics.summary()
+        llm.close()
+        out["on" if caching else "off"] = {k: s[k] for k in ("output_tokens_per_s", "ttft_p50", "ttft_p99",
+                                                             "cached_tokens", "wall_seconds")}
+    off, on = out["off"], out["on"]
+    print(f"shared_prefix   {n} requests on a {len(system)}-token system prompt, elastic/FCFS, prefix caching "
+          f"off -> on: output tok/s {off['output_tokens_per_s']:.3g} -> {on['output_tokens_per_s']:.3g} "
+          f"(x{on['output_tokens_per_s'] / off['output_tokens_per_s']:.2f}), TTFT p50 {off['ttft_p50']:.3g} -> "
+          f"{on['ttft_p50']:.3g} s, prompt tokens from the cache {on['cached_tokens']}", flush=True)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CPU-sized model and workloads")
@@ -120,7 +145,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (small matmuls on a shared 2-core machine run ~10x faster on 1)")
-    parser.add_argument("--only", nargs="*", help="run only these workloads (uniform, long_prompt, bursty_slo, bursty_slo_half); writes no results")
+    parser.add_argument("--only", nargs="*", help="run only these workloads (uniform, long_prompt, bursty_slo, bursty_slo_half, shared_prefix); "
+                        "writes no results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     quick = args.quick or args.device == "cpu"
@@ -159,6 +185,8 @@ def main():
             rows["HF generate"] = hf_reference(model, requests, vocab, 8, args.seed)
             print(f"{name:15s} HF generate   output_tokens_per_s={rows['HF generate']['output_tokens_per_s']:.3g}")
         results["workloads"][name] = rows
+    if not args.only or "shared_prefix" in args.only:
+        results["shared_prefix"] = shared_prefix(model, *configs[max_len], vocab, n, args.seed)
     print_ratios(results)
     if args.only:
         return  # a partial run: keep the full results
