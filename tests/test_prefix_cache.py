@@ -170,3 +170,20 @@ def test_block_manager_keeps_free_blocks_cached_until_handed_out_or_unmapped():
     assert served(new_seq(list(range(12)) + [1])) == 8  # block 2's K/V were overwritten: no longer a hit
     blocks.forget_unmapped(1)  # the KV cache shrank to 1 block: the others lost their K/V
     assert served(new_seq(list(range(12)) + [2])) == 4
+
+
+def test_block_manager_spares_cached_blocks_while_mapped_keyless_ones_are_free():
+    mapped = [8]  # what the KV cache maps now
+    blocks = BlockManager(block_size=4, max_blocks=12, prefix_caching=True, mapped_blocks=lambda: mapped[0])
+    prefix = new_seq(list(range(12)))
+    run(blocks, prefix)  # blocks 0-2, all full and cached
+    blocks.free(prefix)
+    other = new_seq([77] * 8)
+    assert run(blocks, other) == 0 and other.block_table == [3, 4]  # mapped anyway: the prefix survives
+    assert blocks.high_water_after(4) == 8  # 5, 6, 7 first, then the lowest: cached block 0
+    blocks.free(other)  # its two full blocks are cached now too
+    again = new_seq(list(range(12)) + [5])
+    assert run(blocks, again) == 12 and again.block_table == [0, 1, 2, 5]  # keyless 5 spares 3 and 4
+    mapped[0] = 0  # nothing mapped beyond the high water (6): the lowest free block goes, cached or not
+    late = new_seq([66] * 4)
+    assert run(blocks, late) == 0 and late.block_table == [3]

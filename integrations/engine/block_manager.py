@@ -3,20 +3,25 @@ of each layer's virtual tensor and its tail can be unmapped.
 
 Prefix caching: a full block whose K/V are written is known by its key, (SHA-256 chain digest of the
 blocks before it, its token ids), and a sequence starting with the same tokens reuses it in place. Blocks
-count their users; one freed by its last user stays free (lowest first, and out of the high water,
-so it never keeps the KV tail mapped) but keeps its key and contents until it is handed out anew or
-its chunk is unmapped."""
+count their users; one freed by its last user stays free (out of the high water, so it never keeps the
+KV tail mapped) but keeps its key and contents until it is handed out anew or its chunk is unmapped.
+A free block without a key that is mapped anyway goes out before a cached one: that keeps the prefix
+and costs no memory."""
 import array
 import hashlib
 import heapq
 
 
 class BlockManager:
-    def __init__(self, block_size, max_blocks, prefix_caching=False):
+    def __init__(self, block_size, max_blocks, prefix_caching=False, mapped_blocks=None):
+        """mapped_blocks: how many blocks the KV cache maps now (a callable), so that keyless blocks
+        below it are handed out before cached ones; by default the high water."""
         self.block_size = block_size
         self.max_blocks = max_blocks
         self.prefix_caching = prefix_caching
-        self._free = list(range(max_blocks))  # a heap: already sorted
+        self.mapped_blocks = mapped_blocks or (lambda: 0)
+        self._free = list(range(max_blocks))  # free blocks without a key: a heap, already sorted
+        self._free_cached = []  # free blocks that keep a cached prefix: a heap
         self._refs = {}  # block in use -> how many sequences hold it
         self._cached = {}  # key -> the block holding its K/V (in use or free)
         self._key_of = {}  # block -> its key in _cached
@@ -33,24 +38,44 @@ class BlockManager:
     def blocks_for(self, num_tokens):
         return -(-num_tokens // self.block_size)
 
+    @property
+    def num_free(self):
+        return len(self._free) + len(self._free_cached)
+
+    def _picks(self, count):
+        """The next `count` blocks grow() hands out, in order, each True if it is a cached one: the lowest
+        free block, but a keyless one before a cached one while it is mapped anyway (below the high water
+        or what the KV cache maps)."""
+        plain, cached = heapq.nsmallest(count, self._free), heapq.nsmallest(count, self._free_cached)
+        free_below = max(self.high_water, self.mapped_blocks())
+        picks, p, c = [], 0, 0
+        while len(picks) < count:
+            if c == len(cached) or (p < len(plain) and (plain[p] < cached[c] or plain[p] < free_below)):
+                picks.append((plain[p], False))
+                p += 1
+            else:
+                picks.append((cached[c], True))
+                c += 1
+            free_below = max(free_below, picks[-1][0] + 1)
+        return picks
+
     def high_water_after(self, extra_blocks):
         """The high water mark if extra_blocks more were allocated now (None if there are not that many)."""
         if extra_blocks == 0:
             return self.high_water
-        if extra_blocks > len(self._free):
+        if extra_blocks > self.num_free:
             return None
-        return max(self.high_water, heapq.nsmallest(extra_blocks, self._free)[-1] + 1)
+        return max(self.high_water, max(block for block, _ in self._picks(extra_blocks)) + 1)
 
     def grow(self, seq, num_tokens):
         """Give seq enough blocks to hold num_tokens tokens."""
         need = self.blocks_for(num_tokens) - len(seq.block_table)
-        if need > len(self._free):
-            raise RuntimeError(f"no free KV block: {need} wanted, {len(self._free)} free")
-        for _ in range(need):
-            block = heapq.heappop(self._free)
-            key = self._key_of.pop(block, None)
-            if key is not None:  # its K/V are about to be overwritten
-                del self._cached[key]
+        if need > self.num_free:
+            raise RuntimeError(f"no free KV block: {need} wanted, {self.num_free} free")
+        for _, cached in self._picks(need):  # each heap gives its picks in order: pop them
+            block = heapq.heappop(self._free_cached if cached else self._free)
+            if cached:  # its K/V are about to be overwritten
+                del self._cached[self._key_of.pop(block)]
             self._refs[block] = 1
             seq.block_table.append(block)
 
@@ -60,7 +85,7 @@ class BlockManager:
             self._refs[block] -= 1
             if not self._refs[block]:
                 del self._refs[block]
-                heapq.heappush(self._free, block)
+                heapq.heappush(self._free_cached if block in self._key_of else self._free, block)
         seq.block_table, seq.block_hashes = [], []
 
     def _key(self, seq, i):
@@ -91,8 +116,8 @@ class BlockManager:
             seq.block_table.append(block)
             seq.block_hashes.append(self._digest(key))
         if revived:  # one pass over the heap, however many blocks came back
-            self._free = [b for b in self._free if b not in revived]
-            heapq.heapify(self._free)
+            self._free_cached = [b for b in self._free_cached if b not in revived]
+            heapq.heapify(self._free_cached)
         seq.num_computed = len(seq.block_table) * self.block_size
         return seq.num_computed
 
@@ -111,5 +136,12 @@ class BlockManager:
         """The KV cache now maps only the blocks below num_blocks: those above lost their K/V. (None
         of them is in use: the cache always maps the high water.) Dropping their keys here, rather than
         checking the mapped size on a hit, also covers a block unmapped and mapped again since."""
-        for block in [b for b in self._key_of if b >= num_blocks]:
+        lost = {b for b in self._key_of if b >= num_blocks}
+        for block in lost:
             del self._cached[self._key_of.pop(block)]
+        if lost:  # free ones among them are plain free blocks now
+            moved = [b for b in self._free_cached if b in lost]
+            self._free_cached = [b for b in self._free_cached if b not in lost]
+            heapq.heapify(self._free_cached)
+            for block in moved:
+                heapq.heappush(self._free, block)

@@ -89,7 +89,8 @@ class LLM:
         except Exception:
             self.kv_cache.release()
             raise
-        self.blocks = BlockManager(block_size, max_blocks, enable_prefix_caching)
+        self.blocks = BlockManager(block_size, max_blocks, enable_prefix_caching,
+                                   mapped_blocks=lambda: self.kv_cache.num_blocks)
         self.kv_cache.on_shrink = self.blocks.forget_unmapped
         chosen = FCFSPolicy() if policy == "fcfs" else SLOPolicy(self.pool.host_budget_bytes, max_num_batched_tokens,
                                                                   max_num_seqs, block_size)
