@@ -56,14 +56,12 @@ def _kv_bytes_dynamic(cache):
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
-def model_demo(prompt, new_tokens):
+def model_demo(model, tokenizer, prompt, new_tokens):
     from transformers import DynamicCache
 
     from .integrations.hf import ElasticCache, _cache_kwarg
-    from .integrations.models import load_smollm2
 
     print("== SmolLM2-135M-Instruct on CPU: ElasticCache vs DynamicCache ==")
-    model, tokenizer = load_smollm2()
     inputs = tokenizer(prompt, return_tensors="pt")
     length = inputs.input_ids.shape[1] + new_tokens
     pool = Pool("host", budget_bytes=256 * MiB, chunk_bytes=4 << 10)
@@ -82,6 +80,31 @@ def model_demo(prompt, new_tokens):
     caches["ElasticCache"].release()
 
 
+SYSTEM = ("You are a helpful assistant for a small museum of local history. Visitors ask short questions; "
+          "answer each in one friendly sentence. ")
+QUESTIONS = ["When does the museum open?", "Is there a cafe?", "Can I bring my dog?", "Where is the old mill?",
+             "Are there guided tours?", "How much is a ticket?", "Is the museum accessible?", "Can I take photos?"]
+
+
+def engine_demo(model, tokenizer):
+    from .integrations.engine.llm import LLM
+    from .integrations.engine.sampling_params import SamplingParams
+
+    print(f"\n== Serving engine, elastic mode: {len(QUESTIONS)} requests sharing a system prompt, one 32 MiB pool ==")
+    llm = LLM(model, tokenizer, mode="elastic", budget_bytes=32 * MiB, max_model_len=256, max_num_batched_tokens=64,
+              chunk_bytes=64 << 10)
+    prompts = [tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
+                                             tokenize=False, add_generation_prompt=True) for q in QUESTIONS]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+    for question, out in list(zip(QUESTIONS, outs))[:3]:
+        print(f"  {question!r} -> {out.text.strip()!r}")
+    s = llm.metrics.summary()
+    print(f"{s['output_tokens_per_s']:.1f} output tokens/s, max batch {s['max_batch']}, peak kv "
+          f"{format_bytes(s['peak_kv_bytes'])}, prompt tokens found in the prefix cache: {s['cached_tokens']}")
+    llm.close()
+    print(f"after close: pool device bytes {format_bytes(llm.pool.stats()['mapped_device_bytes'])}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--prompt", default="The capital of France is")
@@ -90,7 +113,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     pool_demo()
     if not args.pool_only:
-        model_demo(args.prompt, args.new_tokens)
+        from .integrations.models import load_smollm2
+
+        model, tokenizer = load_smollm2()
+        model_demo(model, tokenizer, args.prompt, args.new_tokens)
+        engine_demo(model, tokenizer)
 
 
 if __name__ == "__main__":
