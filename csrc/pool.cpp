@@ -220,16 +220,11 @@ void Pool::unmap(uintptr_t addr, const std::vector<Chunk>& chunks) {
   // The driver's unmap does not wait for kernels that may still touch the range.
   backend_->synchronize();
   // Parked chunks have nothing mapped: unmap the runs between them, counting each as it goes.
-  for (size_t i = 0; i < chunks.size();) {
-    size_t j = i;
-    while (j < chunks.size() && !parked(chunks[j])) ++j;
-    if (j > i) {
-      backend_->unmap(addr + i * chunk_bytes_, (j - i) * chunk_bytes_);
-      std::lock_guard<std::mutex> lock(mu_);
-      for (size_t k = i; k < j; ++k) tier(chunks[k].where).mapped -= 1;
-    }
-    i = j + 1;
-  }
+  for_each_mapped_run(chunks, 0, chunks.size(), [&](size_t i, size_t j) {
+    backend_->unmap(addr + i * chunk_bytes_, (j - i) * chunk_bytes_);
+    std::lock_guard<std::mutex> lock(mu_);
+    for (size_t k = i; k < j; ++k) tier(chunks[k].where).mapped -= 1;
+  });
 }
 
 void Pool::migrate(uintptr_t addr, const Chunk& from, const Chunk& to) {

@@ -75,6 +75,16 @@ class Pool : public std::enable_shared_from_this<Pool> {
   // mapped: the backend has no host-located chunks, or park_host was asked.
   bool parks_host() const { return parks_host_; }
   bool parked(const Chunk& c) const { return parks_host_ && c.where == Location::Host; }
+  // f(i, j) for each run [i, j) of chunks[first, end) that is mapped: parked chunks split the runs.
+  template <class F>
+  void for_each_mapped_run(const std::vector<Chunk>& chunks, size_t first, size_t end, F&& f) const {
+    for (size_t i = first; i < end;) {
+      size_t j = i;
+      while (j < end && !parked(chunks[j])) ++j;
+      if (j > i) f(i, j);
+      i = j + 1;
+    }
+  }
 
   // All or nothing: n chunks of the tier, counted under tag. On the device
   // tier a shortfall frees the cache, asks consumers, then borrows host memory.

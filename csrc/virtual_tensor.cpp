@@ -196,13 +196,9 @@ void VirtualTensor::grant_access(int peer_device) {
 // Parked chunks are unmapped: grant the mapped runs between them.
 void VirtualTensor::grant_peers_locked(size_t first, size_t count) {
   if (peers_.empty()) return;
-  for (size_t i = first, end = first + count; i < end;) {
-    size_t j = i;
-    while (j < end && !pool_->parked(chunks_[j])) ++j;
-    if (j > i)
-      for (int peer : peers_) pool_->grant_access(base_ + i * chunk_, (j - i) * chunk_, peer);
-    i = j + 1;
-  }
+  pool_->for_each_mapped_run(chunks_, first, first + count, [&](size_t i, size_t j) {
+    for (int peer : peers_) pool_->grant_access(base_ + i * chunk_, (j - i) * chunk_, peer);
+  });
 }
 
 void VirtualTensor::check_no_view(size_t start, size_t end, const char* action) const {
