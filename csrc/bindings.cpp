@@ -6,6 +6,7 @@
 
 #include "allocator_api.h"
 #include "dlpack.h"
+#include "host_buffer.h"
 #include "pool.h"
 #include "virtual_tensor.h"
 
@@ -18,7 +19,8 @@ namespace {
 py::object oom_error, released_error, backend_error;
 
 struct View {
-  std::shared_ptr<VirtualTensor> vt;  // keeps the range mapped while torch uses it
+  std::shared_ptr<void> owner;  // a VirtualTensor or HostBuffer: keeps the bytes there while torch uses them
+  void (*drop)(void* owner, size_t start, size_t end);
   size_t start, end;
   std::vector<int64_t> shape;
   dlpack::ManagedTensor managed;
@@ -26,11 +28,13 @@ struct View {
 
 void delete_view(dlpack::ManagedTensor* m) {
   auto* v = static_cast<View*>(m->manager_ctx);
-  v->vt->drop_view(v->start, v->end);
+  v->drop(v->owner.get(), v->start, v->end);
   delete v;
 }
 
-py::capsule make_view(const std::shared_ptr<VirtualTensor>& vt, size_t offset, std::vector<int64_t> shape,
+// A DLPack capsule over bytes [offset, ...) of owner (anything with data_ptr, add_view and drop_view).
+template <class Owner>
+py::capsule make_view(const std::shared_ptr<Owner>& owner, size_t offset, std::vector<int64_t> shape,
                       uint8_t code, uint8_t bits, int device_type, int device_id) {
   size_t end = bits / 8;
   for (int64_t d : shape) {
@@ -41,10 +45,11 @@ py::capsule make_view(const std::shared_ptr<VirtualTensor>& vt, size_t offset, s
   if (__builtin_add_overflow(end, offset, &end)) throw InvalidArgument("view offset is past the address space");
   {
     py::gil_scoped_release nogil;
-    vt->add_view(offset, end);
+    owner->add_view(offset, end);
   }
-  auto* v = new View{vt, offset, end, std::move(shape), {}};
-  v->managed.dl_tensor = {reinterpret_cast<void*>(vt->data_ptr() + offset),
+  auto drop = [](void* o, size_t start, size_t end) { static_cast<Owner*>(o)->drop_view(start, end); };
+  auto* v = new View{owner, drop, offset, end, std::move(shape), {}};
+  v->managed.dl_tensor = {reinterpret_cast<void*>(owner->data_ptr() + offset),
                           {device_type, device_id},
                           static_cast<int32_t>(v->shape.size()),
                           {code, bits, 1},
@@ -150,6 +155,11 @@ PYBIND11_MODULE(_C, m) {
              return std::make_shared<VirtualTensor>(p, max_bytes, parse_tag(tag));
            },
            release_gil())
+      .def("host_buffer",
+           [](std::shared_ptr<Pool> p, size_t nbytes, const std::string& tag) {
+             return std::make_shared<HostBuffer>(p, nbytes, parse_tag(tag));
+           },
+           release_gil())
       .def("trim", &Pool::trim, release_gil())
       .def("set_budget", &Pool::set_budget, release_gil())
       .def("set_host_budget", &Pool::set_host_budget, release_gil())
@@ -243,5 +253,13 @@ PYBIND11_MODULE(_C, m) {
       .def("grant_access", &VirtualTensor::grant_access, release_gil())
       .def("pin", &VirtualTensor::pin, release_gil())
       .def("unpin", &VirtualTensor::unpin)
-      .def("_view", &make_view);
+      .def("_view", &make_view<VirtualTensor>);
+
+  py::class_<HostBuffer, std::shared_ptr<HostBuffer>>(m, "HostBuffer")
+      .def("release", &HostBuffer::release, release_gil())
+      .def("data_ptr", &HostBuffer::data_ptr)
+      .def_property_readonly("nbytes", &HostBuffer::nbytes)
+      .def_property_readonly("released", &HostBuffer::released)
+      .def_property_readonly("tag", [](HostBuffer& b) { return tag_name(b.tag()); })
+      .def("_view", &make_view<HostBuffer>);
 }

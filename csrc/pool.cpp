@@ -108,7 +108,7 @@ bool Pool::take_locked(size_t n, Location where, Tag tag, std::vector<Chunk>& ou
   }
   t.live += n;
   t.by_tag[static_cast<int>(tag)] += n;
-  t.peak = std::max(t.peak, t.live);
+  t.peak = std::max(t.peak, t.live - t.buffers);
   return true;
 }
 
@@ -142,7 +142,11 @@ std::vector<Chunk> Pool::acquire(size_t n, Location where, Tag tag, bool may_def
   }
   std::lock_guard<std::mutex> lock(mu_);
   // Internal moves (may_deflate false) probe for room: their refusals are not OOMs.
-  if (may_deflate) {
+  throw oom_locked(n, where, tag, t0, may_deflate);
+}
+
+OutOfMemory Pool::oom_locked(size_t n, Location where, Tag tag, double t0, bool count) {
+  if (count) {
     counters_["num_ooms"] += 1;
     log_locked("oom", n * chunk_bytes_, now() - t0);
   }
@@ -153,14 +157,50 @@ std::vector<Chunk> Pool::acquire(size_t n, Location where, Tag tag, bool may_def
     if (d.by_tag[i] + h.by_tag[i])
       by_tag += std::string(by_tag.empty() ? "" : ", ") + kTagNames[i] + " " +
                 format_bytes((d.by_tag[i] + h.by_tag[i]) * chunk_bytes_);
-  throw OutOfMemory(
+  return OutOfMemory(
       "torch_ellm: out of memory on the " + backend_->name() + " pool (device " + std::to_string(backend_->device()) +
       "): tried to allocate " + format_bytes(n * chunk_bytes_) + " of " + location_name(where) + " memory for " +
       tag_name(tag) + ". Device budget " + format_bytes(budget_) + ", " + format_bytes(d.live * chunk_bytes_) +
       " in use" + (by_tag.empty() ? "" : " (" + by_tag + ")") + ", " + format_bytes(d.cached.size() * chunk_bytes_) +
       " cached free, " + format_bytes(policy_.keep_free_bytes) + " kept for activations. Host budget " +
-      format_bytes(host_budget_) + ", " + format_bytes(h.live * chunk_bytes_) +
-      " borrowed. Free tensors, raise the budget, or allow borrowing for more tags.");
+      format_bytes(host_budget_) + ", " + format_bytes((h.live - h.buffers) * chunk_bytes_) + " borrowed, " +
+      format_bytes(h.buffers * chunk_bytes_) + " in host buffers. Free tensors, raise the budget, or allow "
+      "borrowing for more tags.");
+}
+
+void Pool::count_host_buffer_locked(size_t n, Tag tag, bool add) {
+  Tier& h = tier(Location::Host);
+  size_t& by_tag = h.by_tag[static_cast<int>(tag)];
+  if (add) {
+    h.live += n, h.buffers += n, by_tag += n;
+  } else {
+    h.live -= n, h.buffers -= n, by_tag -= n;
+  }
+}
+
+uintptr_t Pool::alloc_host_buffer(size_t bytes, Tag tag) {
+  size_t n = bytes / chunk_bytes_;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (tier(Location::Host).live + n > limit_locked(Location::Host, tag))
+      throw oom_locked(n, Location::Host, tag, now(), true);
+    count_host_buffer_locked(n, tag, true);
+    release_excess_locked();  // the cache may now hold host chunks past the budget
+  }
+  try {
+    return backend_->alloc_parking(bytes);
+  } catch (...) {
+    std::lock_guard<std::mutex> lock(mu_);
+    count_host_buffer_locked(n, tag, false);
+    throw;
+  }
+}
+
+void Pool::free_host_buffer(uintptr_t addr, size_t bytes, Tag tag) {
+  backend_->free_parking(addr, bytes);
+  std::lock_guard<std::mutex> lock(mu_);
+  count_host_buffer_locked(bytes / chunk_bytes_, tag, false);
+  log_locked("free", bytes, 0);
 }
 
 void Pool::release(const std::vector<Chunk>& chunks, Tag tag) {
@@ -487,7 +527,8 @@ std::map<std::string, double> Pool::stats() const {
       {"device_cached_bytes", b(d.cached.size())},
       {"device_physical_bytes", b(d.physical())},
       {"mapped_device_bytes", b(d.mapped)},
-      {"borrowed_bytes", b(h.live)},
+      {"borrowed_bytes", b(h.live - h.buffers)},
+      {"host_buffer_bytes", b(h.buffers)},
       {"borrowed_peak_bytes", b(h.peak)},
       {"host_cached_bytes", b(h.cached.size())},
       {"mapped_host_bytes", b(h.mapped)},

@@ -118,6 +118,12 @@ class Pool : public std::enable_shared_from_this<Pool> {
                    std::function<size_t()> releasable);
   void remove_consumer(int id);
 
+  // Page-locked host memory of `bytes` (a multiple of the chunk size) for a
+  // HostBuffer, counted in the host tier under tag beside borrowed chunks.
+  // OutOfMemory past the host budget.
+  uintptr_t alloc_host_buffer(size_t bytes, Tag tag);
+  void free_host_buffer(uintptr_t addr, size_t bytes, Tag tag);
+
   // Bring borrowed chunks back to the device while there is room.
   size_t return_borrowed();
 
@@ -136,9 +142,10 @@ class Pool : public std::enable_shared_from_this<Pool> {
   struct Tier {
     size_t live = 0;               // chunks handed out
     std::vector<Handle> cached;    // created, free, kept for reuse
-    size_t peak = 0;
+    size_t peak = 0;               // of live, less buffers
     size_t mapped = 0;             // chunks mapped somewhere
     size_t by_tag[kNumTags] = {};
+    size_t buffers = 0;            // of live: host buffers' chunks, not borrowed ones
     size_t physical() const { return live + cached.size(); }
   };
 
@@ -146,6 +153,9 @@ class Pool : public std::enable_shared_from_this<Pool> {
   void release_excess_locked();
   size_t limit_locked(Location where, Tag tag) const;
   void log_locked(const char* kind, size_t bytes, double seconds);
+  // What the pool holds, said to one asking n chunks of `where` for tag (counted as an OOM if asked).
+  OutOfMemory oom_locked(size_t n, Location where, Tag tag, double t0, bool count);
+  void count_host_buffer_locked(size_t n, Tag tag, bool add);
   double now() const;
   size_t deflate(size_t want_bytes);
   size_t borrow(size_t want_bytes);

@@ -26,6 +26,18 @@ def _dlpack_dtype(dtype):
     return _DLPACK_CODES[dtype.is_floating_point], dtype.itemsize * 8
 
 
+def _view_args(shape, dtype, offset):
+    """Checked (shape list, byte offset, DLPack type code, bits, end byte) of a view."""
+    shape = [shape] if isinstance(shape, int) else list(shape)
+    if any(not isinstance(d, int) or d < 0 for d in shape):
+        raise ValueError(f"shape must be non-negative ints, got {shape}")
+    offset = parse_bytes(offset, "offset")
+    if offset % dtype.itemsize:
+        raise ValueError(f"offset {offset} is not a multiple of the {dtype} item size {dtype.itemsize}")
+    code, bits = _dlpack_dtype(dtype)
+    return shape, offset, code, bits, offset + math.prod(shape) * dtype.itemsize
+
+
 def _check_tag(tag):
     if tag not in TAGS:
         raise ValueError(f"unknown tag {tag!r}: expected one of {', '.join(TAGS)}")
@@ -107,6 +119,11 @@ class Pool:
         return int(self._pool.stats()["borrowed_bytes"])
 
     @property
+    def host_buffer_bytes(self):
+        """Bytes of host buffers (host_buffer()) alive: they count against the host budget too."""
+        return int(self._pool.stats()["host_buffer_bytes"])
+
+    @property
     def mapped_device_bytes(self):
         """Device bytes mapped into virtual tensors (what the budget holds now, less the free cache)."""
         return int(self._pool.stats()["mapped_device_bytes"])
@@ -120,6 +137,12 @@ class Pool:
     def virtual_tensor(self, max_bytes, tag="other"):
         """Reserve max_bytes of address space; nothing is mapped until resize()."""
         return VirtualTensor(self, self._pool.virtual_tensor(parse_bytes(max_bytes, "max_bytes"), _check_tag(tag)))
+
+    def host_buffer(self, nbytes, tag="kv"):
+        """Page-locked host memory of nbytes (rounded up to whole chunks) from the host budget, beside
+        borrowed chunks: OutOfMemoryError past it. For bytes the owner copies out of device memory and
+        back itself (swapped KV); see HostBuffer."""
+        return HostBuffer(self._pool.host_buffer(parse_bytes(nbytes, "nbytes"), _check_tag(tag)))
 
     def stats(self):
         """Counters as a flat dict of ints, plus bytes_by_tag: {tag: {device_bytes, host_bytes}}."""
@@ -256,14 +279,7 @@ class VirtualTensor:
     def as_tensor(self, shape, dtype, offset=0):
         """A torch tensor viewing mapped bytes [offset, offset + numel*itemsize) without a copy. The
         view keeps those bytes mapped: shrinking below it or releasing raises until it is freed."""
-        shape = [shape] if isinstance(shape, int) else list(shape)
-        if any(not isinstance(d, int) or d < 0 for d in shape):
-            raise ValueError(f"shape must be non-negative ints, got {shape}")
-        offset = parse_bytes(offset, "offset")
-        if offset % dtype.itemsize:
-            raise ValueError(f"offset {offset} is not a multiple of the {dtype} item size {dtype.itemsize}")
-        code, bits = _dlpack_dtype(dtype)
-        end = offset + math.prod(shape) * dtype.itemsize
+        shape, offset, code, bits, end = _view_args(shape, dtype, offset)
         if self.released:
             raise ReleasedError("VirtualTensor used after release()")
         if end > self.mapped_bytes:
@@ -305,3 +321,43 @@ class VirtualTensor:
             return "VirtualTensor(released)"
         return (f"VirtualTensor(tag={self.tag!r}, nbytes={self.nbytes}, mapped={format_bytes(self.mapped_bytes)}, "
                 f"max={format_bytes(self.max_bytes)}, host={format_bytes(self.host_bytes)})")
+
+
+class HostBuffer:
+    """Page-locked host memory counted against a pool's host budget (Pool.host_buffer). It has no
+    device address: a device copies to and from its CPU tensor views (asynchronously, on CUDA, since
+    it is pinned). release() gives it back; until then, or while a view is alive, it is held."""
+
+    def __init__(self, buf):
+        self._buf = buf
+
+    @property
+    def nbytes(self):
+        return self._buf.nbytes
+
+    @property
+    def tag(self):
+        return self._buf.tag
+
+    @property
+    def released(self):
+        return self._buf.released
+
+    def as_tensor(self, shape, dtype, offset=0):
+        """A CPU tensor over bytes [offset, offset + numel*itemsize), no copy. The buffer cannot be
+        released while the view is alive."""
+        shape, offset, code, bits, end = _view_args(shape, dtype, offset)
+        if self.released:
+            raise ReleasedError("HostBuffer used after release()")
+        if end > self.nbytes:
+            raise ValueError(f"a {dtype} view of shape {shape} at offset {offset} ends at byte {end}, past the "
+                             f"{self.nbytes}-byte host buffer")
+        return torch.utils.dlpack.from_dlpack(self._buf._view(offset, shape, code, bits, 1, 0))
+
+    def release(self):
+        """Give the memory back to the pool (ValueError while a view is alive; again: no-op)."""
+        self._buf.release()
+
+    def __repr__(self):
+        state = "released" if self.released else format_bytes(self.nbytes)
+        return f"HostBuffer({state}, tag={self.tag!r})"
