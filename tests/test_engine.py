@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from torch_ellm import Pool
 from torch_ellm.integrations.engine.llm import LLM
 from torch_ellm.integrations.engine.sampling_params import SamplingParams
 from torch_ellm.integrations.engine.policy import SLOPolicy
@@ -79,19 +80,23 @@ def test_greedy_matches_hf_with_chunked_prefill(smollm2, reference, mode):
     assert_pool_empty(llm)
 
 
-@pytest.mark.parametrize("preemption", ["recompute", "borrow"])
-def test_greedy_matches_hf_across_preemption(smollm2, reference, preemption):
+@pytest.mark.parametrize("preemption, host_tier, overlap", [
+    ("recompute", "auto", True), ("borrow", "auto", True),
+    ("swap", "mapped", True), ("swap", "parked", True), ("swap", "mapped", False)])
+def test_greedy_matches_hf_across_preemption(smollm2, reference, preemption, host_tier, overlap):
     # 6 MiB holds the prompts as they are admitted (each needs room for its whole prompt) but not all
-    # of them as they decode: running requests are preempted or borrow.
-    llm = smollm2_engine(smollm2, mode="elastic", budget_bytes=6 * MB, preemption=preemption,
-                         host_budget_bytes=32 * MB if preemption == "borrow" else 0)
+    # of them as they decode: running requests are preempted, swapped or borrow.
+    pool = Pool("host", budget_bytes=6 * MB, host_budget_bytes=0 if preemption == "recompute" else 32 * MB,
+                chunk_bytes=64 << 10, host_tier=host_tier)
+    llm = smollm2_engine(smollm2, mode="elastic", pool=pool, preemption=preemption)
+    llm.swap.overlap = overlap
     outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert [o.token_ids for o in outs] == reference
     summary = llm.metrics.summary()
-    if preemption == "recompute":
-        assert summary["preemptions"] > 0
-    else:
-        assert summary["peak_borrowed_bytes"] > 0
+    assert summary["preemptions"] > 0 or preemption == "borrow"
+    assert (summary["peak_borrowed_bytes"] > 0) == (preemption == "borrow")
+    assert (summary["swap_ins"] > 0) == (summary["peak_swapped_bytes"] > 0) == (preemption == "swap")
+    assert pool.host_buffer_bytes == 0
     assert_pool_empty(llm)
 
 

@@ -17,6 +17,7 @@ from .sampling_params import SamplingParams, sample
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 from .step_cost import step_work
+from .swap import SwapSpace
 
 
 @dataclass
@@ -35,9 +36,11 @@ class LLM:
     """Serves a Hugging Face Llama-family model with a paged KV cache on one elastic pool.
 
     budget_bytes is the pool's device budget for KV cache and activations (weights live outside it);
-    host_budget_bytes how much KV may be borrowed to host memory. mode "static" reserves the
+    host_budget_bytes how much KV may be borrowed or swapped to host memory. mode "static" reserves the
     activation peak and fixes the KV pool; "elastic" lets both share the budget step by step. policy
-    "fcfs" or "slo"; preemption "recompute" or "borrow" (borrow host memory first). activation_profile:
+    "fcfs" or "slo"; preemption "recompute", "swap" (a preempted request's K/V wait in a host buffer
+    and are copied back, overlapped layer by layer with the step that resumes it) or "borrow" (a step
+    may run with KV chunks borrowed to host memory, read in place). activation_profile:
     another engine's .profile for the same model, max_model_len and max_num_batched_tokens, to skip
     the start-up measurement. enable_prefix_caching: a request whose prompt starts with full blocks
     that an earlier request computed reuses their K/V (prefill runs only the rest); a block outlives
@@ -85,17 +88,18 @@ class LLM:
                                 max_blocks, runner.dtype)
         try:
             self.memory = Memory(self.pool, self.kv_cache, self.profile, mode, max_num_batched_tokens,
-                                 activations_in_pool)
+                                 activations_in_pool, borrow=preemption == "borrow")
         except Exception:
             self.kv_cache.release()
             raise
         self.blocks = BlockManager(block_size, max_blocks, enable_prefix_caching,
                                    mapped_blocks=lambda: self.kv_cache.num_blocks)
         self.kv_cache.on_shrink = self.blocks.forget_unmapped
+        self.swap = SwapSpace(self.pool, self.kv_cache)
         chosen = FCFSPolicy() if policy == "fcfs" else SLOPolicy(self.pool.host_budget_bytes, max_num_batched_tokens,
                                                                   max_num_seqs, block_size)
         self.scheduler = Scheduler(self.blocks, self.memory, chosen, max_num_seqs, max_num_batched_tokens,
-                                   chunked_prefill, preemption)
+                                   chunked_prefill, preemption, self.swap)
         self.metrics = RunMetrics()
         self._requests = {}  # unfinished: id -> Sequence
         self._ids = itertools.count()
@@ -181,8 +185,12 @@ class LLM:
         work = step_work(chunks)
         self.memory.begin_step(self.blocks.high_water, work.tokens)
         model_start = time.perf_counter()
-        logits = self.runner.run(chunks, self.kv_cache)
-        stats, kv_bytes = self.pool.stats(), self.kv_cache.device_bytes  # memory while the step held it
+        copies = self.swap.swap_in(self.scheduler.swapped_in)
+        try:
+            logits = self.runner.run(chunks, self.kv_cache, before_layer=copies.wait)
+            stats, kv_bytes = self.pool.stats(), self.kv_cache.device_bytes  # memory while the step held it
+        finally:
+            copies.finish()
         outputs, decode_tokens = [], 0
         now = time.perf_counter()
         for (seq, n), row in zip(chunks, logits):
@@ -204,7 +212,9 @@ class LLM:
             tokens=work.tokens,
             decode_tokens=decode_tokens, kv_bytes=kv_bytes,
             activation_bytes=stats["bytes_by_tag"]["activations"]["device_bytes"],
-            device_bytes=stats["mapped_device_bytes"], borrowed_bytes=stats["borrowed_bytes"])
+            device_bytes=stats["mapped_device_bytes"], borrowed_bytes=stats["borrowed_bytes"],
+            swapped_bytes=stats["host_buffer_bytes"], swap_ins=len(self.scheduler.swapped_in),
+            swap_wait_seconds=copies.waited)
         return outputs
 
     def _after_token(self, seq, now):
@@ -266,4 +276,5 @@ class LLM:
         """Abort what is left and give every chunk back to the pool."""
         for request_id in list(self._requests):
             self.abort(request_id)
+        self.swap.release()
         self.memory.release()

@@ -109,11 +109,12 @@ class Memory:
     bytes free of KV (keep_free_bytes: the step's need in elastic mode, the peak in static mode), and
     the allocator's cached free blocks count as room, since the pool empties that cache first."""
 
-    def __init__(self, pool, kv_cache, profile, mode, max_batched_tokens, activations_in_pool=False):
+    def __init__(self, pool, kv_cache, profile, mode, max_batched_tokens, activations_in_pool=False, borrow=False):
         if mode not in ("static", "elastic"):
             raise ValueError(f"mode must be 'static' or 'elastic', got {mode!r}")
         self.pool, self.kv, self.profile, self.mode = pool, kv_cache, profile, mode
         self.external = activations_in_pool
+        self.borrow = borrow  # whether a step may run with some of its KV borrowed to host memory
         self.keep_free_before = pool.policy["keep_free_bytes"]
         self.peak_activation_bytes = _round_up(profile.bytes_for(max_batched_tokens), pool.chunk_bytes)
         self.activations = pool.virtual_tensor(max(self.peak_activation_bytes, pool.chunk_bytes), tag="activations")
@@ -140,8 +141,9 @@ class Memory:
         return self.peak_activation_bytes if self.mode == "static" else self._step_activation_bytes(num_tokens)
 
     def host_budget(self):
-        """Host bytes the KV may borrow: none where the pool parks (it never borrows on its own there)."""
-        return 0 if self.pool.host_tier == "parked" else self.pool.host_budget_bytes
+        """Host bytes a step's KV may borrow: none unless preempting by borrowing, and none where the
+        pool parks (it never borrows on its own there)."""
+        return self.pool.host_budget_bytes if self.borrow and self.pool.host_tier == "mapped" else 0
 
     def host_room(self):
         return self.host_budget() - self.pool.borrowed_bytes

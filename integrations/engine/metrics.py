@@ -53,4 +53,7 @@ class RunMetrics:
             "cached_tokens": sum(r["cached_tokens"] for r in reqs),
             "peak_kv_bytes": max(s["kv_bytes"] for s in steps),
             "peak_borrowed_bytes": max(s["borrowed_bytes"] for s in steps),
+            "peak_swapped_bytes": max(s["swapped_bytes"] for s in steps),
+            "swap_ins": sum(s["swap_ins"] for s in steps),
+            "swap_wait_seconds": sum(s["swap_wait_seconds"] for s in steps),
         }

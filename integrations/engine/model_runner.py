@@ -26,9 +26,10 @@ class ModelRunner:
         self.device = next(model.parameters()).device
 
     @torch.inference_mode()
-    def run(self, chunks, kv_cache):
+    def run(self, chunks, kv_cache, before_layer=None):
         """chunks: (sequence, new token count), prefills first. Writes the new tokens' K/V and returns
-        the logits of each sequence's last new token [len(chunks), vocab]."""
+        the logits of each sequence's last new token [len(chunks), vocab]. before_layer(i), if given, is
+        called before layer i touches its cache (to wait for K/V being copied in)."""
         layout = build_layout(chunks, kv_cache.block_shape[1], self.max_model_len, self.device)
         ids = torch.tensor([t for seq, n in chunks for t in seq.token_ids[seq.num_computed:seq.num_computed + n]],
                            device=self.device)
@@ -44,6 +45,8 @@ class ModelRunner:
             k = attn.k_proj(h).view(1, tokens, self.num_kv_heads, self.head_dim)
             v = attn.v_proj(h).view(tokens, self.num_kv_heads, self.head_dim)
             q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+            if before_layer:
+                before_layer(i)
             kv_cache.write(i, layout.slots, k[0], v)
             o = paged_attention(q[0], kv_cache.views[i], layout, attn.scaling)
             x = x + attn.o_proj(o.reshape(1, tokens, -1))

@@ -1,7 +1,9 @@
 """Continuous batching with chunked prefill. Each step takes all the KV blocks and activation memory it
 needs before it runs; when they do not fit, the latest running request is preempted, by recompute
-(its blocks are freed and it is prefilled again later) or, with preemption="borrow", first by letting
-the KV cache borrow host memory within the policy's allowance."""
+(its blocks are freed and it is prefilled again later), by swapping (preemption="swap": its K/V are
+copied to host memory within the policy's allowance, its blocks freed, and the K/V copied back when it
+runs again; recompute where there is no room), or, with preemption="borrow", first by letting the KV
+cache borrow host memory within the policy's allowance."""
 import time
 from collections import deque
 
@@ -11,14 +13,15 @@ from .sequence import Status
 
 class Scheduler:
     def __init__(self, block_manager, memory, policy, max_num_seqs, max_batched_tokens, chunked_prefill,
-                 preemption):
-        if preemption not in ("recompute", "borrow"):
-            raise ValueError(f"preemption must be 'recompute' or 'borrow', got {preemption!r}")
-        self.blocks, self.memory, self.policy = block_manager, memory, policy
+                 preemption, swap):
+        if preemption not in ("recompute", "borrow", "swap"):
+            raise ValueError(f"preemption must be 'recompute', 'borrow' or 'swap', got {preemption!r}")
+        self.blocks, self.memory, self.policy, self.swap = block_manager, memory, policy, swap
         self.max_num_seqs, self.max_batched_tokens = max_num_seqs, max_batched_tokens
         self.chunked_prefill, self.preemption = chunked_prefill, preemption
         self.waiting, self.running = deque(), []
         self.num_preemptions = 0
+        self.swapped_in = []  # this step's admissions whose K/V come back from host memory
         self._prefill_budget = max_batched_tokens  # this step's, from the policy
 
     def add(self, seq):
@@ -30,7 +33,7 @@ class Scheduler:
     def _allowance(self):
         if self.preemption != "borrow":
             return 0
-        return self.policy.host_allowance(self.memory.pool.host_budget_bytes)
+        return self.policy.host_allowance(self.memory.host_budget())
 
     def _take(self, seq, n, tokens, whole=False):
         """Give seq blocks for n more tokens, or for a smaller prefill chunk (halving: fewer tokens need
@@ -53,8 +56,10 @@ class Scheduler:
 
     def _preempt(self, seq):
         self.running.remove(seq)
+        swapped = self.preemption == "swap" and self.swap.swap_out(
+            seq, self.policy.host_allowance(self.memory.pool.host_budget_bytes))
         self.blocks.free(seq)
-        seq.reset_for_recompute()
+        seq.preempt(swapped)
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
@@ -71,6 +76,7 @@ class Scheduler:
         """The step's (sequence, new tokens) pairs, prefills first; [] when nothing can run."""
         chunks, tokens, prefill_tokens = [], 0, 0
         preemptions = self.num_preemptions
+        self.swapped_in = []
         self._prefill_budget = self.policy.prefill_tokens(self.max_batched_tokens, self.running, self.waiting,
                                                           time.perf_counter())
         for seq in list(self.running):
@@ -96,13 +102,16 @@ class Scheduler:
         for seq in admit:
             if len(self.running) >= max_running:
                 break
-            cached = self.blocks.take_cached(seq)
+            swapped = self.swap.holds(seq)
+            cached = 0 if swapped else self.blocks.take_cached(seq)
             n = self._chunk(seq, tokens, prefill_tokens)
             n = n and self._take(seq, n, tokens, whole=True)
             if n == 0:
                 self.blocks.free(seq)  # the cached blocks too: a waiting request holds none
-                seq.num_computed = 0
+                seq.num_computed = seq.num_computed if swapped else 0
                 break
+            if swapped:
+                self.swapped_in.append(seq)
             seq.num_cached_tokens += cached
             self.waiting.remove(seq)
             seq.status = Status.RUNNING
@@ -120,3 +129,4 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free(seq)
+        self.swap.discard(seq)

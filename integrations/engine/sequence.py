@@ -59,8 +59,10 @@ class Sequence:
         self.finish_reason = reason
         self.finish_time = now
 
-    def reset_for_recompute(self):
-        """Preempted by recompute: its KV is dropped; prompt and generated tokens are prefilled again."""
-        self.num_computed = 0
+    def preempt(self, swapped):
+        """Back to waiting. Swapped, its K/V wait in host memory; else (recompute) they are dropped and
+        its prompt and generated tokens are prefilled again."""
+        if not swapped:
+            self.num_computed = 0
         self.status = Status.WAITING
         self.num_preemptions += 1
