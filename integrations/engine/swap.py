@@ -124,8 +124,9 @@ class LayerCopies:
             for layer, done in enumerate(self._done):
                 self._copy(layer)
                 done.set()
-        except BaseException as e:  # handed to the model's thread, which waits on these events
-            self._error = e
+        except Exception as e:  # handed to the model's thread, which waits on these events
+            # A new error without e's traceback: its frames would keep views of the host buffers alive.
+            self._error = RuntimeError(f"copying swapped K/V back failed: {e!r}")
             for done in self._done:
                 done.set()
 
@@ -139,7 +140,7 @@ class LayerCopies:
         else:
             self._done[layer].wait()
             if self._error is not None:
-                raise RuntimeError("copying swapped K/V back failed") from self._error
+                raise self._error
         self.waited += time.perf_counter() - start
 
     def finish(self):

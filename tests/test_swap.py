@@ -1,0 +1,162 @@
+"""Swap preemption: a preempted request's K/V go to a host buffer and come back, layer by layer, into
+fresh blocks; outputs are unchanged, host memory always comes back, and no room means recompute."""
+import random
+
+import pytest
+import torch
+
+from test_engine import MB, assert_pool_empty, make_engine, one_thread, tiny_model  # noqa: F401
+from torch_ellm import Pool
+from torch_ellm.integrations.engine.kv_cache import KVCache
+from torch_ellm.integrations.engine.sampling_params import SamplingParams
+from torch_ellm.integrations.engine.sequence import Sequence
+from torch_ellm.integrations.engine.swap import LayerCopies, SwapSpace, _runs
+
+PARAMS = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+def swap_engine(model, budget, host_budget, host_tier="auto", **kwargs):
+    pool = Pool("host", budget_bytes=budget, host_budget_bytes=host_budget, chunk_bytes=16 << 10,
+                host_tier=host_tier)
+    args = dict(block_size=4, max_num_batched_tokens=32, max_num_seqs=16, preemption="swap")
+    return make_engine(model, pool=pool, **{**args, **kwargs})
+
+
+def prompts(n, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(128) for _ in range(rng.randint(3, 40))] for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def unpreempted(tiny_model):
+    llm = make_engine(tiny_model, budget_bytes=4 * MB, block_size=4, max_num_batched_tokens=32, max_num_seqs=16,
+                      chunk_bytes=16 << 10)
+    outs = [o.token_ids for o in llm.generate(prompts(30), PARAMS, use_tqdm=False)]
+    llm.close()
+    return outs
+
+
+def test_runs_group_consecutive_blocks():
+    assert _runs([3, 4, 5, 9, 1, 2]) == [[0, 3, 3], [3, 9, 1], [4, 1, 2]]
+    assert _runs([]) == []
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_kv_round_trips_through_host_into_other_blocks(overlap):
+    """Scattered blocks out, other scattered blocks in: every layer's K/V land where the new table says."""
+    pool = Pool("host", budget_bytes=4 * MB, host_budget_bytes=1 * MB, chunk_bytes=16 << 10)
+    kv = KVCache(pool, num_layers=3, num_kv_heads=2, head_dim=8, block_size=4, max_blocks=32, dtype=torch.float32)
+    kv.resize(16)
+    for view in kv.views:
+        view.copy_(torch.randn(view.shape))
+    del view  # a live view would keep the cache from being released
+    seq = Sequence(0, list(range(19)), SamplingParams())
+    seq.block_table, seq.num_computed = [7, 8, 2, 11, 12], 18  # 5 blocks hold the 18 computed tokens
+    before = [view[seq.block_table].clone() for view in kv.views]
+    swap = SwapSpace(pool, kv, overlap=overlap)
+    assert swap.swap_out(seq, allowance=1 * MB) and swap.holds(seq)
+    assert pool.host_buffer_bytes == swap.nbytes >= 3 * 5 * kv.block_bytes
+    for layer in range(3):
+        kv.views[layer].zero_()
+    seq.block_table = [0, 1, 5, 14, 15]
+    copies = swap.swap_in([seq])
+    for layer in range(3):
+        copies.wait(layer)
+        assert torch.equal(kv.views[layer][seq.block_table], before[layer])
+    copies.finish()
+    assert not swap.holds(seq) and pool.host_buffer_bytes == 0
+    assert all(float(view[[2, 3, 4, 6]].abs().sum()) == 0 for view in kv.views)  # nothing else written
+    kv.release()
+
+
+def test_swap_out_respects_the_allowance_and_the_host_budget():
+    pool = Pool("host", budget_bytes=4 * MB, host_budget_bytes=64 << 10, chunk_bytes=16 << 10)
+    kv = KVCache(pool, num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, max_blocks=64, dtype=torch.float32)
+    kv.resize(64)
+    swap = SwapSpace(pool, kv)
+    seqs = []
+    for i in range(4):
+        seq = Sequence(i, [1] * 40, SamplingParams())
+        seq.block_table, seq.num_computed = list(range(10 * i, 10 * i + 10)), 40  # 2 x 10 x 256 B: one chunk
+        seqs.append(seq)
+    assert not swap.swap_out(seqs[0], allowance=1)  # the policy allows less than it needs
+    assert all(swap.swap_out(s, allowance=1 * MB) for s in seqs)  # 4 chunks: the host budget exactly
+    fresh = Sequence(9, [1] * 40, SamplingParams())
+    fresh.block_table, fresh.num_computed = list(range(50, 60)), 40
+    assert not swap.swap_out(fresh, allowance=1 * MB)  # host budget full: the caller recomputes instead
+    swap.discard(seqs[0])
+    assert pool.host_buffer_bytes == 3 * pool.chunk_bytes
+    swap.release()
+    assert pool.host_buffer_bytes == 0
+    kv.release()
+
+
+def test_a_failed_copy_is_raised_in_the_model_thread():
+    pool = Pool("host", budget_bytes=1 * MB, host_budget_bytes=1 * MB, chunk_bytes=16 << 10)
+    kv = KVCache(pool, num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, max_blocks=8, dtype=torch.float32)
+    kv.resize(8)
+    swap = SwapSpace(pool, kv)
+    seq = Sequence(0, [1] * 8, SamplingParams())
+    seq.block_table, seq.num_computed = [0, 1], 8
+    assert swap.swap_out(seq, allowance=1 * MB)
+    seq.block_table = [7, 8]  # block 8 is past the cache: the worker's copy fails
+    copies = swap.swap_in([seq])
+    with pytest.raises(RuntimeError, match="swapped K/V"):
+        copies.wait(0)
+    copies.finish()
+    assert pool.host_buffer_bytes == 0
+    kv.release()
+
+
+@pytest.mark.parametrize("host_tier", ["mapped", "parked"])
+def test_outputs_match_an_unpreempted_run(tiny_model, unpreempted, host_tier):
+    llm = swap_engine(tiny_model, budget=160 << 10, host_budget=2 * MB, host_tier=host_tier)
+    outs = llm.generate(prompts(30), PARAMS, use_tqdm=False)
+    assert [o.token_ids for o in outs] == unpreempted
+    summary = llm.metrics.summary()
+    assert summary["swap_ins"] > 0 and summary["peak_borrowed_bytes"] == 0
+    assert llm.pool.host_buffer_bytes == 0
+    assert_pool_empty(llm)
+
+
+def test_no_host_room_falls_back_to_recompute(tiny_model, unpreempted):
+    llm = swap_engine(tiny_model, budget=160 << 10, host_budget=32 << 10)  # two 16 KiB chunks of swap space
+    outs = llm.generate(prompts(30), PARAMS, use_tqdm=False)
+    assert [o.token_ids for o in outs] == unpreempted
+    summary = llm.metrics.summary()
+    assert 0 < summary["swap_ins"] < summary["preemptions"]
+    assert summary["peak_swapped_bytes"] <= 32 << 10
+    assert_pool_empty(llm)
+
+
+def test_aborting_swapped_requests_gives_their_host_memory_back(tiny_model):
+    llm = swap_engine(tiny_model, budget=160 << 10, host_budget=2 * MB)
+    ids = [llm.add_request(p, PARAMS) for p in prompts(30)]
+    while not llm.swap.nbytes:
+        llm.step()
+    swapped = [i for i in ids if i in llm._requests and llm.swap.holds(llm._requests[i])]
+    assert swapped
+    for request_id in swapped:
+        llm.abort(request_id)
+    assert llm.pool.host_buffer_bytes == llm.swap.nbytes
+    while llm.has_unfinished_requests():
+        llm.step()
+    assert llm.pool.host_buffer_bytes == 0
+    assert_pool_empty(llm)
+
+
+def test_random_requests_with_swapping_leak_nothing(tiny_model):
+    rng = random.Random(1)
+    llm = swap_engine(tiny_model, budget=160 << 10, host_budget=96 << 10)
+    for _ in range(300):
+        params = SamplingParams(temperature=rng.choice([0, 0.8]), max_tokens=rng.randint(1, 30), seed=rng.randrange(9))
+        request_id = llm.add_request([rng.randrange(128) for _ in range(rng.randint(1, 30))], params)
+        if rng.random() < 0.1:
+            llm.abort(request_id)
+        if rng.random() < 0.5:
+            llm.step()
+    while llm.has_unfinished_requests():
+        llm.step()
+    assert llm.metrics.summary()["swap_ins"] > 0
+    assert llm.pool.host_buffer_bytes == 0
+    assert_pool_empty(llm)
