@@ -1,6 +1,7 @@
 """Benchmark of the paged-KV engine: static/FCFS vs elastic/FCFS vs elastic/SLO-aware at one budget,
-with Hugging Face batched generate as the reference, and prefix caching off vs on for requests that
-share a system prompt. Writes JSON and a plot under bench/results/.
+with Hugging Face batched generate as the reference; prefix caching off vs on for requests that share
+a system prompt; preemption by recompute, swap (copies overlapped or not) and borrowing for long
+prompts whose decoding outgrows the KV room. Writes JSON and a plot under bench/results/.
 
     python bench/engine.py --quick          # CPU-sized, a few minutes
     python bench/engine.py --device cuda    # larger random-weight model on a GPU
@@ -114,6 +115,23 @@ def hf_reference(model, requests, vocab, batch, seed):
     return {"output_tokens_per_s": tokens / seconds}
 
 
+def variants(model, config, profile, prompts, params, options, keys):
+    """Serve prompts all at once with elastic/FCFS at the workload's budget (host budget: half of it), once
+    per entry of options ({label: LLM keyword arguments, plus swap_overlap}): {label: summary[keys]}."""
+    out = {}
+    for label, kwargs in options.items():
+        kwargs = dict(kwargs)
+        overlap = kwargs.pop("swap_overlap", True)
+        llm = LLM(model, mode="elastic", budget_bytes=config["budget_bytes"], host_budget_bytes=config["budget_bytes"] // 2,
+                  activation_profile=profile, **config["engine_args"], **kwargs)
+        llm.swap.overlap = overlap
+        llm.generate(prompts, params, use_tqdm=False)
+        s = llm.metrics.summary()
+        llm.close()
+        out[label] = {k: s[k] for k in keys}
+    return out
+
+
 def shared_prefix(model, config, profile, vocab, n, seed):
     """n requests sharing a system prompt (a quarter of the context) with short tails of their own, all at
     once, served by elastic/FCFS with prefix caching off and on: {"off"|"on": summary columns}."""
@@ -121,20 +139,40 @@ def shared_prefix(model, config, profile, vocab, n, seed):
     system = [rng.randrange(vocab) for _ in range(config["engine_args"]["max_model_len"] // 4)]
     prompts = [system + [rng.randrange(vocab) for _ in range(rng.randint(8, 64))] for _ in range(n)]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    out = {}
-    for caching in (False, True):
-        llm = LLM(model, mode="elastic", budget_bytes=config["budget_bytes"], activation_profile=profile,
-                  enable_prefix_caching=caching, **config["engine_args"])
-        llm.generate(prompts, params, use_tqdm=False)
-        s = llm.metrics.summary()
-        llm.close()
-        out["on" if caching else "off"] = {k: s[k] for k in ("output_tokens_per_s", "ttft_p50", "ttft_p99",
-                                                             "cached_tokens", "wall_seconds")}
+    out = variants(model, config, profile, prompts, params,
+                   {"off": dict(enable_prefix_caching=False), "on": dict(enable_prefix_caching=True)},
+                   ("output_tokens_per_s", "ttft_p50", "ttft_p99", "cached_tokens", "wall_seconds"))
     off, on = out["off"], out["on"]
     print(f"shared_prefix   {n} requests on a {len(system)}-token system prompt, elastic/FCFS, prefix caching "
           f"off -> on: output tok/s {off['output_tokens_per_s']:.3g} -> {on['output_tokens_per_s']:.3g} "
           f"(x{on['output_tokens_per_s'] / off['output_tokens_per_s']:.2f}), TTFT p50 {off['ttft_p50']:.3g} -> "
           f"{on['ttft_p50']:.3g} s, prompt tokens from the cache {on['cached_tokens']}", flush=True)
+    return out
+
+
+PREEMPTIONS = {"recompute": dict(preemption="recompute"), "swap": dict(preemption="swap"),
+               "swap, copies not overlapped": dict(preemption="swap", swap_overlap=False),
+               "borrow": dict(preemption="borrow")}
+
+
+def preemption(model, config, profile, vocab, n, seed):
+    """n long prompts (60-90% of the context) with outputs long enough that decoding outgrows the KV room,
+    all at once, elastic/FCFS under each preemption mode: {mode: summary columns}."""
+    rng = random.Random(seed)
+    max_len = config["engine_args"]["max_model_len"]
+    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(max_len * 6 // 10, max_len * 8 // 10))]
+               for _ in range(n)]
+    params = SamplingParams(temperature=0, max_tokens=max_len // 8, ignore_eos=True)
+    out = variants(model, config, profile, prompts, params, PREEMPTIONS,
+                   ("output_tokens_per_s", "decode_tokens_per_s", "wall_seconds", "preemptions", "swap_ins",
+                    "swap_wait_seconds", "peak_swapped_bytes", "peak_borrowed_bytes", "max_decode_batch"))
+    base = out["recompute"]
+    for label, r in out.items():
+        print(f"preemption      {label:28s} output tok/s {r['output_tokens_per_s']:.3g} "
+              f"(x{r['output_tokens_per_s'] / base['output_tokens_per_s']:.2f} recompute), preemptions "
+              f"{r['preemptions']}, swap-ins {r['swap_ins']}, waiting on copies {r['swap_wait_seconds']:.3g} s, "
+              f"peak swapped {r['peak_swapped_bytes'] / 2**20:.1f} MiB, borrowed "
+              f"{r['peak_borrowed_bytes'] / 2**20:.1f} MiB", flush=True)
     return out
 
 
@@ -145,7 +183,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (small matmuls on a shared 2-core machine run ~10x faster on 1)")
-    parser.add_argument("--only", nargs="*", help="run only these workloads (uniform, long_prompt, bursty_slo, bursty_slo_half, shared_prefix); "
+    parser.add_argument("--only", nargs="*", help="run only these workloads (uniform, long_prompt, bursty_slo, bursty_slo_half, shared_prefix, preemption); "
                         "writes no results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -187,6 +225,8 @@ def main():
         results["workloads"][name] = rows
     if not args.only or "shared_prefix" in args.only:
         results["shared_prefix"] = shared_prefix(model, *configs[max_len], vocab, n, args.seed)
+    if not args.only or "preemption" in args.only:
+        results["preemption"] = preemption(model, *configs[long_len], vocab, n, args.seed)
     print_ratios(results)
     if args.only:
         return  # a partial run: keep the full results

@@ -90,14 +90,18 @@ class LayerCopies:
 
     def __init__(self, caches, jobs, overlap):
         self.caches, self.jobs = caches, jobs
-        self.waited = 0.0  # seconds the model spent waiting for copies
+        self.waited = 0.0  # seconds the model waited for copies (all of their time, not overlapped)
         self.device = caches[0].device if caches else torch.device("cpu")
         self._error = None
         if not jobs:
             self._done = None
-        elif not overlap:
+        elif not overlap:  # the model waits for all of it
+            start = time.perf_counter()
             for layer in range(len(caches)):
                 self._copy(layer)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            self.waited = time.perf_counter() - start
             self._done = None
         elif self.device.type == "cuda":
             self._stream = torch.cuda.Stream(self.device)
