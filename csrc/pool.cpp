@@ -541,6 +541,22 @@ std::map<std::string, double> Pool::stats() const {
   return s;
 }
 
+size_t Pool::mapped_device_bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return tier(Location::Device).mapped * chunk_bytes_;
+}
+
+size_t Pool::borrowed_bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  const Tier& h = tier(Location::Host);
+  return (h.live - h.buffers) * chunk_bytes_;
+}
+
+size_t Pool::host_buffer_bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return tier(Location::Host).buffers * chunk_bytes_;
+}
+
 size_t Pool::releasable_bytes() const {
   size_t total = 0;
   for (auto& c : consumers_copy())

@@ -128,6 +128,10 @@ class Pool : public std::enable_shared_from_this<Pool> {
   size_t return_borrowed();
 
   std::map<std::string, double> stats() const;
+  // Three of stats() without building it (the engine asks per scheduling decision).
+  size_t mapped_device_bytes() const;
+  size_t borrowed_bytes() const;
+  size_t host_buffer_bytes() const;
   // What the consumers say they could give back now.
   size_t releasable_bytes() const;
   std::map<std::string, std::map<std::string, double>> stats_by_tag() const;

@@ -116,17 +116,17 @@ class Pool:
     @property
     def borrowed_bytes(self):
         """Bytes of virtual tensors now living in host memory."""
-        return int(self._pool.stats()["borrowed_bytes"])
+        return self._pool.borrowed_bytes
 
     @property
     def host_buffer_bytes(self):
         """Bytes of host buffers (host_buffer()) alive: they count against the host budget too."""
-        return int(self._pool.stats()["host_buffer_bytes"])
+        return self._pool.host_buffer_bytes
 
     @property
     def mapped_device_bytes(self):
         """Device bytes mapped into virtual tensors (what the budget holds now, less the free cache)."""
-        return int(self._pool.stats()["mapped_device_bytes"])
+        return self._pool.mapped_device_bytes
 
     def capabilities(self):
         c = self._pool.capabilities()

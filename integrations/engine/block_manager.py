@@ -12,6 +12,19 @@ import hashlib
 import heapq
 
 
+def _smallest(heap, count):
+    """The `count` smallest items of a heap list, in order, in O(count log count): a walk down the heap's
+    tree from its root (heapq.nsmallest would scan all of it, every free block on every step)."""
+    out, frontier = [], [(heap[0], 0)] if heap else []
+    while frontier and len(out) < count:
+        value, i = heapq.heappop(frontier)
+        out.append(value)
+        for child in (2 * i + 1, 2 * i + 2):
+            if child < len(heap):
+                heapq.heappush(frontier, (heap[child], child))
+    return out
+
+
 class BlockManager:
     def __init__(self, block_size, max_blocks, prefix_caching=False, mapped_blocks=None):
         """mapped_blocks: how many blocks the KV cache maps now (a callable), so that keyless blocks
@@ -23,6 +36,7 @@ class BlockManager:
         self._free = list(range(max_blocks))  # free blocks without a key: a heap, already sorted
         self._free_cached = []  # free blocks that keep a cached prefix: a heap
         self._refs = {}  # block in use -> how many sequences hold it
+        self._high_water = 0  # max(self._refs) + 1, kept up to date: asked for every scheduling decision
         self._cached = {}  # key -> the block holding its K/V (in use or free)
         self._key_of = {}  # block -> its key in _cached
 
@@ -33,7 +47,7 @@ class BlockManager:
     @property
     def high_water(self):
         """One past the highest block in use: the KV cache must map at least this many blocks."""
-        return max(self._refs) + 1 if self._refs else 0
+        return self._high_water
 
     def blocks_for(self, num_tokens):
         return -(-num_tokens // self.block_size)
@@ -46,7 +60,7 @@ class BlockManager:
         """The next `count` blocks grow() hands out, in order, each True if it is a cached one: the lowest
         free block, but a keyless one before a cached one while it is mapped anyway (below the high water
         or what the KV cache maps)."""
-        plain, cached = heapq.nsmallest(count, self._free), heapq.nsmallest(count, self._free_cached)
+        plain, cached = _smallest(self._free, count), _smallest(self._free_cached, count)
         free_below = max(self.high_water, self.mapped_blocks())
         picks, p, c = [], 0, 0
         while len(picks) < count:
@@ -77,6 +91,7 @@ class BlockManager:
             if cached:  # its K/V are about to be overwritten
                 del self._cached[self._key_of.pop(block)]
             self._refs[block] = 1
+            self._high_water = max(self._high_water, block + 1)
             seq.block_table.append(block)
 
     def free(self, seq):
@@ -86,6 +101,8 @@ class BlockManager:
             if not self._refs[block]:
                 del self._refs[block]
                 heapq.heappush(self._free_cached if block in self._key_of else self._free, block)
+        if self._high_water - 1 not in self._refs:
+            self._high_water = max(self._refs) + 1 if self._refs else 0
         seq.block_table, seq.block_hashes = [], []
 
     def _key(self, seq, i):
@@ -113,6 +130,7 @@ class BlockManager:
             if block not in self._refs:
                 revived.add(block)
             self._refs[block] = self._refs.get(block, 0) + 1
+            self._high_water = max(self._high_water, block + 1)
             seq.block_table.append(block)
             seq.block_hashes.append(self._digest(key))
         if revived:  # one pass over the heap, however many blocks came back
