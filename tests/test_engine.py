@@ -267,3 +267,11 @@ def test_slo_engine_admits_no_more_than_the_batch_cap(tiny_model):
         assert len(llm.scheduler.running) <= 2
     assert len(llm.metrics.requests) == 5
     assert_pool_empty(llm)
+
+
+@pytest.mark.parametrize("bad", [dict(policy="lifo"), dict(preemption="drop"), dict(mode="dynamic")])
+def test_bad_engine_arguments_leave_the_pool_untouched(tiny_model, bad):
+    pool = Pool("host", budget_bytes=2 * MB, chunk_bytes=16 << 10)
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        make_engine(tiny_model, pool=pool, block_size=4, max_num_batched_tokens=32, **bad)
+    assert pool.stats()["virtual_tensors"] == 0 and pool.mapped_device_bytes == 0

@@ -62,6 +62,8 @@ class LLM:
             model = AutoModelForCausalLM.from_pretrained(model)
         if policy not in ("fcfs", "slo"):
             raise ValueError(f"policy must be 'fcfs' or 'slo', got {policy!r}")
+        if preemption not in ("recompute", "swap", "borrow"):  # before any memory is taken
+            raise ValueError(f"preemption must be 'recompute', 'swap' or 'borrow', got {preemption!r}")
         self.tokenizer = tokenizer
         self.max_model_len = min(max_model_len or 2048, model.config.max_position_embeddings)
         runner = ModelRunner(model, self.max_model_len)

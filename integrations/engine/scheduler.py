@@ -14,8 +14,6 @@ from .sequence import Status
 class Scheduler:
     def __init__(self, block_manager, memory, policy, max_num_seqs, max_batched_tokens, chunked_prefill,
                  preemption, swap):
-        if preemption not in ("recompute", "borrow", "swap"):
-            raise ValueError(f"preemption must be 'recompute', 'borrow' or 'swap', got {preemption!r}")
         self.blocks, self.memory, self.policy, self.swap = block_manager, memory, policy, swap
         self.max_num_seqs, self.max_batched_tokens = max_num_seqs, max_batched_tokens
         self.chunked_prefill, self.preemption = chunked_prefill, preemption
