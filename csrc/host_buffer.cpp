@@ -1,5 +1,7 @@
 #include "host_buffer.h"
 
+#include <cstdio>
+
 #include "format.h"
 
 namespace ellm {
@@ -19,7 +21,12 @@ HostBuffer::HostBuffer(std::shared_ptr<Pool> pool, size_t nbytes, Tag tag)
 
 HostBuffer::~HostBuffer() {
   // Views hold a shared_ptr to the buffer, so none is live here.
-  if (addr_) pool_->free_host_buffer(addr_, nbytes_, tag_);
+  if (!addr_) return;
+  try {
+    pool_->free_host_buffer(addr_, nbytes_, tag_);
+  } catch (const std::exception& e) {  // a destructor must not throw: say it and leak the memory
+    std::fprintf(stderr, "torch_ellm: freeing a host buffer failed: %s\n", e.what());
+  }
 }
 
 void HostBuffer::release() {

@@ -187,13 +187,22 @@ uintptr_t Pool::alloc_host_buffer(size_t bytes, Tag tag) {
     count_host_buffer_locked(n, tag, true);
     release_excess_locked();  // the cache may now hold host chunks past the budget
   }
+  uintptr_t addr;
   try {
-    return backend_->alloc_parking(bytes);
+    addr = backend_->alloc_parking(bytes);
+  } catch (const PhysicalOutOfMemory&) {
+    // Host RAM fuller than our budget thinks: a shortfall like any other, as for chunks.
+    std::lock_guard<std::mutex> lock(mu_);
+    count_host_buffer_locked(n, tag, false);
+    throw oom_locked(n, Location::Host, tag, now(), true);
   } catch (...) {
     std::lock_guard<std::mutex> lock(mu_);
     count_host_buffer_locked(n, tag, false);
     throw;
   }
+  std::lock_guard<std::mutex> lock(mu_);
+  log_locked("alloc", bytes, 0);
+  return addr;
 }
 
 void Pool::free_host_buffer(uintptr_t addr, size_t bytes, Tag tag) {
@@ -450,7 +459,7 @@ void Pool::set_budget(size_t bytes) {
     throw OutOfMemory("torch_ellm: cannot lower the device budget to " + format_bytes(bytes) + ": " +
                       format_bytes(live) + " is still in use after deflating and borrowing (host budget " +
                       format_bytes(host_budget_) + ", " + format_bytes(tier(Location::Host).live * chunk_bytes_) +
-                      " borrowed). Budget left at " + format_bytes(budget_) + ".");
+                      " borrowed or in host buffers). Budget left at " + format_bytes(budget_) + ".");
   }
   budget_ = bytes;
   release_excess_locked();
@@ -462,7 +471,7 @@ void Pool::set_host_budget(size_t bytes) {
   size_t live = tier(Location::Host).live * chunk_bytes_;
   if (live > bytes)
     throw OutOfMemory("torch_ellm: cannot lower the host budget to " + format_bytes(bytes) + ": " +
-                      format_bytes(live) + " is borrowed; prefetch or free it first");
+                      format_bytes(live) + " is borrowed or in host buffers; prefetch or free it first");
   host_budget_ = bytes;
   release_excess_locked();
 }

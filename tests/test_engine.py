@@ -253,6 +253,8 @@ def test_slo_policy_orders_by_deadline_and_holds_back_lost_requests():
     assert policy.order([lost, later, sooner], [], now=1.0) == [sooner, later, lost]
     missed = slo_request(0.0, 0.1, first_token_time=0.4)  # already lost: nothing to protect
     assert policy.order([lost, later], [missed], now=1.0) == [later, lost]
+    preempted = slo_request(0.0, 0.1, first_token_time=0.05)  # TTFT met long ago, then preempted
+    assert policy.order([lost, later, preempted], [decoding], now=1.0) == [preempted, later]
 
 
 def test_slo_engine_admits_no_more_than_the_batch_cap(tiny_model):

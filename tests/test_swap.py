@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from test_engine import MB, assert_pool_empty, make_engine, one_thread, tiny_model  # noqa: F401
+import torch_ellm
 from torch_ellm import Pool
 from torch_ellm.integrations.engine.kv_cache import KVCache
 from torch_ellm.integrations.engine.sampling_params import SamplingParams
@@ -60,10 +61,12 @@ def test_kv_round_trips_through_host_into_other_blocks(overlap):
         kv.views[layer].zero_()
     seq.block_table = [0, 1, 5, 14, 15]
     copies = swap.swap_in([seq])
+    copies.start()
     for layer in range(3):
         copies.wait(layer)
         assert torch.equal(kv.views[layer][seq.block_table], before[layer])
     copies.finish()
+    swap.done([seq])
     assert not swap.holds(seq) and pool.host_buffer_bytes == 0
     assert all(float(view[[2, 3, 4, 6]].abs().sum()) == 0 for view in kv.views)  # nothing else written
     kv.release()
@@ -80,6 +83,7 @@ def test_swap_out_respects_the_allowance_and_the_host_budget():
         seq.block_table, seq.num_computed = list(range(10 * i, 10 * i + 10)), 40  # 2 x 10 x 256 B: one chunk
         seqs.append(seq)
     assert not swap.swap_out(seqs[0], allowance=1)  # the policy allows less than it needs
+    assert not swap.swap_out(seqs[0], allowance=2 * 10 * kv.block_bytes - 1)  # rounded up to a chunk
     assert all(swap.swap_out(s, allowance=1 * MB) for s in seqs)  # 4 chunks: the host budget exactly
     fresh = Sequence(9, [1] * 40, SamplingParams())
     fresh.block_table, fresh.num_computed = list(range(50, 60)), 40
@@ -87,7 +91,7 @@ def test_swap_out_respects_the_allowance_and_the_host_budget():
     swap.discard(seqs[0])
     assert pool.host_buffer_bytes == 3 * pool.chunk_bytes
     swap.release()
-    assert pool.host_buffer_bytes == 0
+    assert pool.host_buffer_bytes == 0 and pool.stats()["num_ooms"] == 0  # refusals are not OOMs
     kv.release()
 
 
@@ -101,9 +105,12 @@ def test_a_failed_copy_is_raised_in_the_model_thread():
     assert swap.swap_out(seq, allowance=1 * MB)
     seq.block_table = [7, 8]  # block 8 is past the cache: the worker's copy fails
     copies = swap.swap_in([seq])
+    copies.start()
     with pytest.raises(RuntimeError, match="swapped K/V"):
         copies.wait(0)
     copies.finish()
+    assert swap.holds(seq)  # the K/V are kept for another try
+    swap.release()
     assert pool.host_buffer_bytes == 0
     kv.release()
 
@@ -126,6 +133,65 @@ def test_no_host_room_falls_back_to_recompute(tiny_model, unpreempted):
     summary = llm.metrics.summary()
     assert 0 < summary["swap_ins"] < summary["preemptions"]
     assert summary["peak_swapped_bytes"] <= 32 << 10
+    assert llm.pool.stats()["num_ooms"] == 0
+    assert_pool_empty(llm)
+
+
+def test_swapping_inside_inference_mode(tiny_model, unpreempted):
+    """Serving code often runs under torch.inference_mode(): the cache views are then inference tensors,
+    which the copy-back thread must be allowed to write."""
+    llm = swap_engine(tiny_model, budget=160 << 10, host_budget=2 * MB)
+    with torch.inference_mode():
+        outs = llm.generate(prompts(30), PARAMS, use_tqdm=False)
+    assert [o.token_ids for o in outs] == unpreempted
+    assert llm.metrics.summary()["swap_ins"] > 0
+    assert_pool_empty(llm)
+
+
+class Flaky:
+    """Wraps a method to raise `error` on its first `failures` calls that `when` accepts."""
+
+    def __init__(self, method, error, failures=1, when=lambda *a, **k: True):
+        self.method, self.error, self.left, self.when = method, error, failures, when
+
+    def __call__(self, *args, **kwargs):
+        if self.left and self.when(*args, **kwargs):
+            self.left -= 1
+            raise self.error
+        return self.method(*args, **kwargs)
+
+
+@pytest.mark.parametrize("where", ["begin_step", "copy back", "swap out"])
+def test_a_failed_step_loses_no_swapped_request(tiny_model, unpreempted, monkeypatch, where):
+    """A step that fails (no memory after all, a copy or host allocation error) leaves every request
+    servable: swapped ones wait again with their K/V still in host memory, and retrying finishes all of
+    them with the same tokens."""
+    llm = swap_engine(tiny_model, budget=160 << 10, host_budget=2 * MB)
+    if where == "begin_step":
+        error = torch_ellm.OutOfMemoryError("injected")
+        flaky = Flaky(llm.memory.begin_step, error, failures=3, when=lambda *a: bool(llm.scheduler.swapped_in))
+        monkeypatch.setattr(llm.memory, "begin_step", flaky)
+    elif where == "copy back":
+        error = RuntimeError("injected")
+        flaky = Flaky(LayerCopies._copy, error, failures=3)
+        monkeypatch.setattr(LayerCopies, "_copy", lambda self, layer: flaky(self, layer))
+    else:
+        error = torch_ellm.BackendError("injected")
+        monkeypatch.setattr(llm.pool, "host_buffer", Flaky(llm.pool.host_buffer, error, failures=3))
+    ids = [llm.add_request(p, PARAMS) for p in prompts(30)]
+    failures, outs = 0, {}
+    while llm.has_unfinished_requests():
+        try:
+            outs.update((o.request_id, o.token_ids) for o in llm.step() if o.finished)
+        except (torch_ellm.OutOfMemoryError, RuntimeError) as e:
+            assert "injected" in str(e)
+            failures += 1
+            queued = len(llm.scheduler.running) + len(llm.scheduler.waiting)
+            assert queued == len(llm._requests)  # nobody dropped out of both queues
+    assert failures == 3
+    assert [outs[i] for i in ids] == unpreempted
+    assert llm.metrics.summary()["swap_ins"] > 0
+    assert llm.pool.host_buffer_bytes == 0
     assert_pool_empty(llm)
 
 

@@ -6,7 +6,7 @@ _MARKS = {"borrow": ("tab:red", "borrow"), "return": ("tab:green", "return"), "d
 
 
 def plot_timeline(pool, path="timeline.png", title=None):
-    """Draw device, host (borrowed) and per-tag bytes over time from pool.events() into a PNG.
+    """Draw device, host (borrowed chunks and host buffers) and per-tag bytes over time from pool.events() into a PNG.
 
     pool: a torch_ellm.Pool (or a list of event dicts). Borrow, return, deflate and OOM events are
     marked as vertical lines. Returns the path. Needs matplotlib (pip install matplotlib).
@@ -22,7 +22,7 @@ def plot_timeline(pool, path="timeline.png", title=None):
     t = [e["t"] for e in events]
     fig, ax = plt.subplots(figsize=(10, 4.5))
     ax.step(t, [e["device_bytes"] for e in events], where="post", label="device", linewidth=2)
-    ax.step(t, [e["host_bytes"] for e in events], where="post", label="host (borrowed)", linewidth=2)
+    ax.step(t, [e["host_bytes"] for e in events], where="post", label="host (borrowed, buffers)", linewidth=2)
     for tag in events[0]["tag_bytes"]:
         series = [e["tag_bytes"][tag] for e in events]
         if any(series):

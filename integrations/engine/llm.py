@@ -185,14 +185,19 @@ class LLM:
                 raise RuntimeError("no waiting request fits the budget although none is running")
             return []
         work = step_work(chunks)
-        self.memory.begin_step(self.blocks.high_water, work.tokens)
-        model_start = time.perf_counter()
         copies = self.swap.swap_in(self.scheduler.swapped_in)
         try:
+            self.memory.begin_step(self.blocks.high_water, work.tokens)
+            model_start = time.perf_counter()
+            copies.start()
             logits = self.runner.run(chunks, self.kv_cache, before_layer=copies.wait)
             stats, kv_bytes = self.pool.stats(), self.kv_cache.device_bytes  # memory while the step held it
-        finally:
+        except BaseException:
             copies.finish()
+            self.scheduler.undo_swap_ins()  # their K/V are still in host memory: they wait again
+            raise
+        copies.finish()
+        self.swap.done(self.scheduler.swapped_in)
         outputs, decode_tokens = [], 0
         now = time.perf_counter()
         for (seq, n), row in zip(chunks, logits):

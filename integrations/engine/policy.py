@@ -50,8 +50,8 @@ class SLOPolicy:
       keeps the step within `slack` of the tightest target, at least `min_prefill_tokens`: a burst of
       prompts is chunked in beside the decodes instead of stalling them. Until the model has seen
       enough steps, a budget halved on TPOT breaches and doubled on TTFT breaches stands in.
-    Waiting requests go earliest TTFT deadline first; those already past it go last, as they can no
-    longer count towards goodput."""
+    Preempted requests that had their first token go first; then waiting requests earliest TTFT deadline
+    first; those already past it go last, as they can no longer count towards goodput."""
 
     def __init__(self, host_budget, max_batched_tokens, max_num_seqs, min_prefill_tokens, window=5, breaches=3,
                  slack=0.8):
@@ -64,12 +64,16 @@ class SLOPolicy:
         self.cost = StepCost()
 
     def order(self, waiting, running, now):
-        """Earliest TTFT deadline first. Requests past theirs come last, and only once no request that can
-        still meet its targets is running: their prefill would slow its decode for no goodput."""
-        on_time = sorted((s for s in waiting if _due(s) >= now), key=lambda s: (_due(s), s.arrival))
+        """Preempted requests that already had their first token go first (their TTFT is settled; their
+        TPOT runs on, and a swapped one holds host memory), oldest first. Then earliest TTFT deadline first.
+        Requests past theirs come last, and only once no request that can still meet its targets is
+        running: their prefill would slow its decode for no goodput."""
+        started = sorted((s for s in waiting if s.first_token_time is not None), key=lambda s: s.arrival)
+        fresh = [s for s in waiting if s.first_token_time is None]
+        on_time = sorted((s for s in fresh if _due(s) >= now), key=lambda s: (_due(s), s.arrival))
         if any(_on_time(s) and s.tpot_slo is not None for s in running):
-            return on_time
-        return on_time + sorted((s for s in waiting if _due(s) < now), key=lambda s: s.arrival)
+            return started + on_time
+        return started + on_time + sorted((s for s in fresh if _due(s) < now), key=lambda s: s.arrival)
 
     def prefill_tokens(self, max_batched_tokens, running, waiting, now):
         """Prefill tokens the coming step may run beside the decodes of `running`: see the class docstring."""

@@ -53,9 +53,9 @@ class Scheduler:
         return True
 
     def _preempt(self, seq):
-        self.running.remove(seq)
         swapped = self.preemption == "swap" and self.swap.swap_out(
             seq, self.policy.host_allowance(self.memory.pool.host_budget_bytes))
+        self.running.remove(seq)
         self.blocks.free(seq)
         seq.preempt(swapped)
         self.waiting.appendleft(seq)
@@ -119,6 +119,16 @@ class Scheduler:
             prefill_tokens += n
         chunks.sort(key=lambda c: is_decode(*c))
         return chunks
+
+    def undo_swap_ins(self):
+        """The step failed before this step's swapped-in requests got their K/V back: they return to the
+        front of the queue, blocks freed, K/V still in host memory."""
+        for seq in reversed(self.swapped_in):
+            self.running.remove(seq)
+            self.blocks.free(seq)
+            seq.status = Status.WAITING
+            self.waiting.appendleft(seq)
+        self.swapped_in = []
 
     def finish(self, seq):
         """Forget a finished or aborted request and free its blocks."""

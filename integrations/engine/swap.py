@@ -50,30 +50,45 @@ class SwapSpace:
 
     def swap_out(self, seq, allowance):
         """Copy the blocks holding seq's computed K/V to host memory, if that stays within `allowance`
-        bytes of swap space and the pool's host budget. True if done (seq's blocks may then be freed)."""
+        bytes of swap space and the pool's host budget. True if done (seq's blocks may then be freed);
+        False, with nothing changed, if there is no room."""
         blocks = seq.block_table[:-(-seq.num_computed // self.kv.block_shape[1])]
-        nbytes = len(self.kv.layers) * len(blocks) * self.kv.block_bytes
-        if not blocks or self.nbytes + nbytes > allowance:
+        chunk = self.pool.chunk_bytes
+        nbytes = -(-len(self.kv.layers) * len(blocks) * self.kv.block_bytes // chunk) * chunk  # as the pool rounds
+        host_room = self.pool.host_budget_bytes - self.pool.borrowed_bytes - self.pool.host_buffer_bytes
+        if not blocks or self.nbytes + nbytes > allowance or nbytes > host_room:
             return False
         try:
             buf = self.pool.host_buffer(nbytes, tag="kv")
-        except OutOfMemoryError:
+        except OutOfMemoryError:  # another user of the pool took the room meanwhile
             return False
-        host = buf.as_tensor((len(self.kv.layers), len(blocks), *self.kv.block_shape), self.kv.dtype)
-        for layer, cache in enumerate(self.kv.views):
-            for i, block, n in _runs(blocks):
-                host[layer, i:i + n].copy_(cache[block:block + n])
-        self._held[seq] = _Swapped(buf, host)
+        swapped = _Swapped(buf, buf.as_tensor((len(self.kv.layers), len(blocks), *self.kv.block_shape),
+                                              self.kv.dtype))
+        try:
+            with torch.inference_mode():
+                for layer, cache in enumerate(self.kv.views):
+                    for i, block, n in _runs(blocks):
+                        swapped.host[layer, i:i + n].copy_(cache[block:block + n], non_blocking=True)
+                if self.kv.views[0].device.type == "cuda":
+                    torch.cuda.current_stream(self.kv.views[0].device).synchronize()  # the blocks go next
+        except BaseException:
+            swapped.release()
+            raise
+        self._held[seq] = swapped
         return True
 
     def swap_in(self, seqs):
-        """Start copying seqs' K/V (each now holding fresh blocks) back; returns the LayerCopies the
-        model waits on, layer by layer. Their host buffers go back to the pool when it finishes."""
-        jobs = [(self._held.pop(seq), seq.block_table) for seq in seqs]
-        return LayerCopies(self.kv.views, jobs, self.overlap)
+        """The copies of seqs' K/V (each now holding fresh blocks) back into the cache, not started: the
+        caller starts them, waits layer by layer, and finishes; the K/V stay held here until done(seqs)."""
+        return LayerCopies(self.kv.views, [(self._held[seq], seq.block_table) for seq in seqs], self.overlap)
+
+    def done(self, seqs):
+        """Their K/V are back in the cache: give the host buffers back."""
+        for seq in seqs:
+            self.discard(seq)
 
     def discard(self, seq):
-        """seq finished or was aborted while swapped out."""
+        """Give seq's host buffer back, if it holds one (also when it finished or was aborted while swapped)."""
         held = self._held.pop(seq, None)
         if held:
             held.release()
@@ -85,43 +100,46 @@ class SwapSpace:
 
 class LayerCopies:
     """Host-to-device copies of some requests' K/V, issued layer by layer ahead of the model: on CUDA on a
-    side stream (the model's stream waits on each layer's event), on CPU in a worker thread. wait(layer)
-    before the model touches that layer's cache; finish() after the step."""
+    side stream (the model's stream waits on each layer's event), on CPU in a worker thread. start(), then
+    wait(layer) before the model touches that layer's cache, then finish(), also after a failure."""
 
     def __init__(self, caches, jobs, overlap):
-        self.caches, self.jobs = caches, jobs
-        self.waited = 0.0  # seconds the model waited for copies (all of their time, not overlapped)
+        self.caches, self.jobs, self.overlap = caches, jobs, overlap
+        self.waited = 0.0  # seconds the host waited for copies (all of their time when not overlapped)
         self.device = caches[0].device if caches else torch.device("cpu")
-        self._error = None
-        if not jobs:
-            self._done = None
-        elif not overlap:  # the model waits for all of it
-            start = time.perf_counter()
-            for layer in range(len(caches)):
+        self._done = None  # per layer: a CUDA event or a threading.Event, once started with overlap
+        self._stream = self._worker = self._error = None
+
+    def start(self):
+        if not self.jobs:
+            return
+        if not self.overlap:  # the model waits for all of it
+            started = time.perf_counter()
+            for layer in range(len(self.caches)):
                 self._copy(layer)
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
-            self.waited = time.perf_counter() - start
-            self._done = None
+            self.waited = time.perf_counter() - started
         elif self.device.type == "cuda":
             self._stream = torch.cuda.Stream(self.device)
             self._stream.wait_stream(torch.cuda.current_stream(self.device))  # earlier users of these blocks
             self._done = []
             with torch.cuda.stream(self._stream):
-                for layer in range(len(caches)):
+                for layer in range(len(self.caches)):
                     self._copy(layer)
                     self._done.append(self._stream.record_event())
         else:
-            self._done = [threading.Event() for _ in caches]
+            self._done = [threading.Event() for _ in self.caches]
             self._worker = threading.Thread(target=self._copy_all, name="ellm-swap-in", daemon=True)
             self._worker.start()
 
     def _copy(self, layer):
         cache = self.caches[layer]
-        for swapped, blocks in self.jobs:
-            host = swapped.host
-            for i, block, n in _runs(blocks[:host.shape[1]]):
-                cache[block:block + n].copy_(host[layer, i:i + n], non_blocking=True)
+        with torch.inference_mode():  # the cache views may be inference tensors (made inside the model's mode)
+            for swapped, blocks in self.jobs:
+                host = swapped.host
+                for i, block, n in _runs(blocks[:host.shape[1]]):
+                    cache[block:block + n].copy_(host[layer, i:i + n], non_blocking=True)
 
     def _copy_all(self):
         try:
@@ -138,22 +156,19 @@ class LayerCopies:
         """Block (CPU) or order the model's stream (CUDA) until layer's K/V have landed."""
         if self._done is None:
             return
-        start = time.perf_counter()
+        started = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).wait_event(self._done[layer])
         else:
             self._done[layer].wait()
             if self._error is not None:
                 raise self._error
-        self.waited += time.perf_counter() - start
+        self.waited += time.perf_counter() - started
 
     def finish(self):
-        """All copies done (the host buffers are free to go); gives the buffers back to the pool."""
-        if self._done is not None:
-            if self.device.type == "cuda":
-                self._stream.synchronize()
-            else:
-                self._worker.join()
-        for swapped, _ in self.jobs:
-            swapped.release()
+        """Wait until no copy is in flight (the host buffers may go, the cache may shrink)."""
+        if self._stream is not None:
+            self._stream.synchronize()
+        if self._worker is not None:
+            self._worker.join()
         self.jobs, self.caches = [], []  # the cache views would keep the KV cache from shrinking
