@@ -60,7 +60,7 @@ def test_kv_round_trips_through_host_into_other_blocks(overlap):
     for layer in range(3):
         kv.views[layer].zero_()
     seq.block_table = [0, 1, 5, 14, 15]
-    copies = swap.swap_in([seq])
+    copies = swap.swap_in([(seq, 0)])
     copies.start()
     for layer in range(3):
         copies.wait(layer)
@@ -104,7 +104,7 @@ def test_a_failed_copy_is_raised_in_the_model_thread():
     seq.block_table, seq.num_computed = [0, 1], 8
     assert swap.swap_out(seq, allowance=1 * MB)
     seq.block_table = [7, 8]  # block 8 is past the cache: the worker's copy fails
-    copies = swap.swap_in([seq])
+    copies = swap.swap_in([(seq, 0)])
     copies.start()
     with pytest.raises(RuntimeError, match="swapped K/V"):
         copies.wait(0)
@@ -225,4 +225,30 @@ def test_random_requests_with_swapping_leak_nothing(tiny_model):
         llm.step()
     assert llm.metrics.summary()["swap_ins"] > 0
     assert llm.pool.host_buffer_bytes == 0
+    assert_pool_empty(llm)
+
+
+def test_swapped_requests_share_cached_prefix_blocks_on_the_way_back(tiny_model):
+    """Requests on a common prefix: one coming back from host memory takes the prefix's cached blocks
+    (shared, not copied over) and only its own blocks are copied; outputs match an unpreempted run."""
+    rng = random.Random(2)
+    prefix = [rng.randrange(128) for _ in range(24)]  # six blocks of 4
+    shared = [prefix + [rng.randrange(128) for _ in range(rng.randint(2, 12))] for _ in range(24)]
+    reference = make_engine(tiny_model, budget_bytes=4 * MB, block_size=4, max_num_batched_tokens=32,
+                            max_num_seqs=16, chunk_bytes=16 << 10)
+    expected = [o.token_ids for o in reference.generate(shared, PARAMS, use_tqdm=False)]
+    reference.close()
+    llm = swap_engine(tiny_model, budget=160 << 10, host_budget=2 * MB)
+    skipped = []
+    swap_in = llm.swap.swap_in
+
+    def recording(admitted):
+        skipped.extend(first for _, first in admitted)
+        return swap_in(admitted)
+
+    llm.swap.swap_in = recording
+    outs = llm.generate(shared, PARAMS, use_tqdm=False)
+    assert [o.token_ids for o in outs] == expected
+    # The prefix found cached, not copied back (and some found their own full blocks still cached too).
+    assert skipped and max(skipped) >= 6
     assert_pool_empty(llm)

@@ -197,7 +197,7 @@ class LLM:
             self.scheduler.undo_swap_ins()  # their K/V are still in host memory: they wait again
             raise
         copies.finish()
-        self.swap.done(self.scheduler.swapped_in)
+        self.swap.done(seq for seq, _ in self.scheduler.swapped_in)
         outputs, decode_tokens = [], 0
         now = time.perf_counter()
         for (seq, n), row in zip(chunks, logits):

@@ -19,7 +19,7 @@ class Scheduler:
         self.chunked_prefill, self.preemption = chunked_prefill, preemption
         self.waiting, self.running = deque(), []
         self.num_preemptions = 0
-        self.swapped_in = []  # this step's admissions whose K/V come back from host memory
+        self.swapped_in = []  # this step's admissions whose K/V come back: (seq, leading blocks it found cached)
         self._prefill_budget = max_batched_tokens  # this step's, from the policy
 
     def add(self, seq):
@@ -101,16 +101,20 @@ class Scheduler:
             if len(self.running) >= max_running:
                 break
             swapped = self.swap.holds(seq)
-            cached = 0 if swapped else self.blocks.take_cached(seq)
+            # A swapped request takes cached blocks of its prefix too: shared, not copied back twice.
+            cached = self.blocks.take_cached(seq)
+            if swapped:
+                seq.num_computed = max(self.swap.num_computed(seq), cached)
             n = self._chunk(seq, tokens, prefill_tokens)
             n = n and self._take(seq, n, tokens, whole=True)
             if n == 0:
                 self.blocks.free(seq)  # the cached blocks too: a waiting request holds none
-                seq.num_computed = seq.num_computed if swapped else 0
+                seq.num_computed = self.swap.num_computed(seq) if swapped else 0
                 break
             if swapped:
-                self.swapped_in.append(seq)
-            seq.num_cached_tokens += cached
+                self.swapped_in.append((seq, cached // self.blocks.block_size))
+            else:
+                seq.num_cached_tokens += cached
             self.waiting.remove(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -123,9 +127,10 @@ class Scheduler:
     def undo_swap_ins(self):
         """The step failed before this step's swapped-in requests got their K/V back: they return to the
         front of the queue, blocks freed, K/V still in host memory."""
-        for seq in reversed(self.swapped_in):
+        for seq, _ in reversed(self.swapped_in):
             self.running.remove(seq)
             self.blocks.free(seq)
+            seq.num_computed = self.swap.num_computed(seq)  # not what cached blocks covered: those are gone
             seq.status = Status.WAITING
             self.waiting.appendleft(seq)
         self.swapped_in = []

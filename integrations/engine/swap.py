@@ -22,10 +22,11 @@ def _runs(blocks):
 
 
 class _Swapped:
-    """One request's K/V in host memory: the buffer and the tensor view the copies use."""
+    """One request's K/V in host memory: the buffer, the tensor view the copies use, and how many of its
+    tokens they cover."""
 
-    def __init__(self, buf, host):
-        self.buf, self.host = buf, host
+    def __init__(self, buf, host, num_computed):
+        self.buf, self.host, self.num_computed = buf, host, num_computed
 
     def release(self):
         self.host = None  # the buffer refuses to go while a view of it lives
@@ -48,6 +49,10 @@ class SwapSpace:
     def holds(self, seq):
         return seq in self._held
 
+    def num_computed(self, seq):
+        """Tokens of seq whose K/V are held here."""
+        return self._held[seq].num_computed
+
     def swap_out(self, seq, allowance):
         """Copy the blocks holding seq's computed K/V to host memory, if that stays within `allowance`
         bytes of swap space and the pool's host budget. True if done (seq's blocks may then be freed);
@@ -63,7 +68,7 @@ class SwapSpace:
         except OutOfMemoryError:  # another user of the pool took the room meanwhile
             return False
         swapped = _Swapped(buf, buf.as_tensor((len(self.kv.layers), len(blocks), *self.kv.block_shape),
-                                              self.kv.dtype))
+                                              self.kv.dtype), seq.num_computed)
         try:
             with torch.inference_mode():
                 for layer, cache in enumerate(self.kv.views):
@@ -77,10 +82,13 @@ class SwapSpace:
         self._held[seq] = swapped
         return True
 
-    def swap_in(self, seqs):
-        """The copies of seqs' K/V (each now holding fresh blocks) back into the cache, not started: the
-        caller starts them, waits layer by layer, and finishes; the K/V stay held here until done(seqs)."""
-        return LayerCopies(self.kv.views, [(self._held[seq], seq.block_table) for seq in seqs], self.overlap)
+    def swap_in(self, admitted):
+        """The copies of K/V back into the cache, not started, for admitted: (seq, leading blocks of its
+        table that it found in the prefix cache, which are not copied), each seq now holding fresh blocks
+        after those. The caller starts them, waits layer by layer, and finishes; the K/V stay held here
+        until done(seqs)."""
+        jobs = [(self._held[seq], seq.block_table, first) for seq, first in admitted]
+        return LayerCopies(self.kv.views, jobs, self.overlap)
 
     def done(self, seqs):
         """Their K/V are back in the cache: give the host buffers back."""
@@ -136,10 +144,10 @@ class LayerCopies:
     def _copy(self, layer):
         cache = self.caches[layer]
         with torch.inference_mode():  # the cache views may be inference tensors (made inside the model's mode)
-            for swapped, blocks in self.jobs:
+            for swapped, blocks, first in self.jobs:
                 host = swapped.host
-                for i, block, n in _runs(blocks[:host.shape[1]]):
-                    cache[block:block + n].copy_(host[layer, i:i + n], non_blocking=True)
+                for i, block, n in _runs(blocks[first:host.shape[1]]):
+                    cache[block:block + n].copy_(host[layer, first + i:first + i + n], non_blocking=True)
 
     def _copy_all(self):
         try:
