@@ -277,3 +277,21 @@ def test_bad_engine_arguments_leave_the_pool_untouched(tiny_model, bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         make_engine(tiny_model, pool=pool, block_size=4, max_num_batched_tokens=32, **bad)
     assert pool.stats()["virtual_tensors"] == 0 and pool.mapped_device_bytes == 0
+
+
+def test_kv_tail_shrinks_for_a_prefill_between_steps(tiny_model):
+    """Elastic mode keeps the KV free tail mapped between steps and gives it back when a later prefill
+    needs the room: nothing the engine holds across begin_step (views) may stop that shrink."""
+    llm = tiny_engine(tiny_model, mode="elastic", budget_bytes=160 << 10, max_num_seqs=16)
+    keeper = llm.add_request([1] * 4, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    llm.step()
+    llm.memory.activations.resize(0)
+    tail = llm.memory._blocks_within(llm.memory.device_room())
+    llm.kv_cache.resize(tail)  # as if finished requests had left their blocks mapped
+    assert llm.blocks.high_water < tail
+    llm.add_request(list(range(1, 49)), SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    llm.step()  # its prefill's activations need the tail's room
+    assert llm.kv_cache.num_blocks < tail and keeper in llm._requests
+    while llm.has_unfinished_requests():
+        llm.step()
+    assert_pool_empty(llm)

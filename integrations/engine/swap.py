@@ -74,7 +74,7 @@ class SwapSpace:
                 for layer, cache in enumerate(self.kv.views):
                     for i, block, n in _runs(blocks):
                         swapped.host[layer, i:i + n].copy_(cache[block:block + n], non_blocking=True)
-                if self.kv.views[0].device.type == "cuda":
+                if self.pool.device.type == "cuda":
                     torch.cuda.current_stream(self.kv.views[0].device).synchronize()  # the blocks go next
         except BaseException:
             swapped.release()
@@ -88,7 +88,7 @@ class SwapSpace:
         after those. The caller starts them, waits layer by layer, and finishes; the K/V stay held here
         until done(seqs)."""
         jobs = [(self._held[seq], seq.block_table, first) for seq, first in admitted]
-        return LayerCopies(self.kv.views, jobs, self.overlap)
+        return LayerCopies(self.kv, jobs, self.overlap)
 
     def done(self, seqs):
         """Their K/V are back in the cache: give the host buffers back."""
@@ -111,16 +111,18 @@ class LayerCopies:
     side stream (the model's stream waits on each layer's event), on CPU in a worker thread. start(), then
     wait(layer) before the model touches that layer's cache, then finish(), also after a failure."""
 
-    def __init__(self, caches, jobs, overlap):
-        self.caches, self.jobs, self.overlap = caches, jobs, overlap
+    def __init__(self, kv_cache, jobs, overlap):
+        self.kv, self.jobs, self.overlap = kv_cache, jobs, overlap
+        self.caches = []  # the cache's views, taken at start(): a resize before it makes new ones
         self.waited = 0.0  # seconds the host waited for copies (all of their time when not overlapped)
-        self.device = caches[0].device if caches else torch.device("cpu")
+        self.device = kv_cache.pool.device
         self._done = None  # per layer: a CUDA event or a threading.Event, once started with overlap
         self._stream = self._worker = self._error = None
 
     def start(self):
         if not self.jobs:
             return
+        self.caches = self.kv.views
         if not self.overlap:  # the model waits for all of it
             started = time.perf_counter()
             for layer in range(len(self.caches)):
