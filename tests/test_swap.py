@@ -162,25 +162,30 @@ class Flaky:
         return self.method(*args, **kwargs)
 
 
-@pytest.mark.parametrize("where", ["begin_step", "copy back", "swap out"])
+class FailingCopy(Exception):
+    """Stands for whatever a torch copy may raise."""
+
+
+@pytest.mark.parametrize("where", ["begin_step", "copy back", "copy back, not overlapped", "swap out"])
 def test_a_failed_step_loses_no_swapped_request(tiny_model, unpreempted, monkeypatch, where):
     """A step that fails (no memory after all, a copy or host allocation error) leaves every request
     servable: swapped ones wait again with their K/V still in host memory, and retrying finishes all of
-    them with the same tokens."""
+    them with the same tokens. Right after a failure, a swapped request can be aborted (no view of its
+    host buffer kept alive by the error)."""
     llm = swap_engine(tiny_model, budget=160 << 10, host_budget=2 * MB)
     if where == "begin_step":
         error = torch_ellm.OutOfMemoryError("injected")
         flaky = Flaky(llm.memory.begin_step, error, failures=3, when=lambda *a: bool(llm.scheduler.swapped_in))
         monkeypatch.setattr(llm.memory, "begin_step", flaky)
-    elif where == "copy back":
-        error = RuntimeError("injected")
-        flaky = Flaky(LayerCopies._copy, error, failures=3)
-        monkeypatch.setattr(LayerCopies, "_copy", lambda self, layer: flaky(self, layer))
+    elif where.startswith("copy back"):
+        llm.swap.overlap = where == "copy back"
+        flaky = Flaky(LayerCopies._copy_layer, FailingCopy("injected"), failures=3)
+        monkeypatch.setattr(LayerCopies, "_copy_layer", lambda self, layer: flaky(self, layer))
     else:
         error = torch_ellm.BackendError("injected")
         monkeypatch.setattr(llm.pool, "host_buffer", Flaky(llm.pool.host_buffer, error, failures=3))
     ids = [llm.add_request(p, PARAMS) for p in prompts(30)]
-    failures, outs = 0, {}
+    failures, outs, aborted = 0, {}, set()
     while llm.has_unfinished_requests():
         try:
             outs.update((o.request_id, o.token_ids) for o in llm.step() if o.finished)
@@ -189,8 +194,12 @@ def test_a_failed_step_loses_no_swapped_request(tiny_model, unpreempted, monkeyp
             failures += 1
             queued = len(llm.scheduler.running) + len(llm.scheduler.waiting)
             assert queued == len(llm._requests)  # nobody dropped out of both queues
-    assert failures == 3
-    assert [outs[i] for i in ids] == unpreempted
+            swapped = [i for i, seq in llm._requests.items() if llm.swap.holds(seq)]
+            if swapped and not aborted:
+                llm.abort(swapped[0])
+                aborted.add(swapped[0])
+    assert failures == 3 and (aborted or where == "swap out")
+    assert [outs.get(i) for i in ids] == [None if i in aborted else ref for i, ref in zip(ids, unpreempted)]
     assert llm.metrics.summary()["swap_ins"] > 0
     assert llm.pool.host_buffer_bytes == 0
     assert_pool_empty(llm)

@@ -144,6 +144,17 @@ class LayerCopies:
             self._worker.start()
 
     def _copy(self, layer):
+        """Issue layer's copies. A failure is raised as a new RuntimeError from outside the except block:
+        the original traceback's frames would keep views of the host buffers and the cache alive."""
+        error = None
+        try:
+            self._copy_layer(layer)
+        except Exception as e:
+            error = RuntimeError(f"copying swapped K/V back failed: {e!r}")
+        if error is not None:
+            raise error
+
+    def _copy_layer(self, layer):
         cache = self.caches[layer]
         with torch.inference_mode():  # the cache views may be inference tensors (made inside the model's mode)
             for swapped, blocks, first in self.jobs:
@@ -156,9 +167,8 @@ class LayerCopies:
             for layer, done in enumerate(self._done):
                 self._copy(layer)
                 done.set()
-        except Exception as e:  # handed to the model's thread, which waits on these events
-            # A new error without e's traceback: its frames would keep views of the host buffers alive.
-            self._error = RuntimeError(f"copying swapped K/V back failed: {e!r}")
+        except RuntimeError as e:  # handed to the model's thread, which waits on these events
+            self._error = e
             for done in self._done:
                 done.set()
 
