@@ -8,6 +8,7 @@ import torch
 
 from test_engine import MB, assert_pool_empty, one_thread, smollm2_engine, tiny_engine, tiny_model  # noqa: F401
 from torch_ellm.integrations.engine.block_manager import BlockManager
+from torch_ellm.integrations.engine.llm import LLM
 from torch_ellm.integrations.engine.sampling_params import SamplingParams
 from torch_ellm.integrations.engine.sequence import Sequence
 
@@ -187,3 +188,30 @@ def test_block_manager_spares_cached_blocks_while_mapped_keyless_ones_are_free()
     mapped[0] = 0  # nothing mapped beyond the high water (6): the lowest free block goes, cached or not
     late = new_seq([66] * 4)
     assert run(blocks, late) == 0 and late.block_table == [3]
+
+
+@pytest.mark.parametrize("seed", [6, 9])
+def test_cached_block_preference_never_wedges_the_engine(tiny_model, seed):
+    """Keyless blocks inside the KV cache's lazily mapped tail are handed out before cached ones, but not
+    when that would pin the tail a step needs for its own activations: without chunked prefill (no
+    smaller chunk to fall back to) the engine once refused every prompt with nothing running."""
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(128) for _ in range(rng.randint(4, 24))] for _ in range(3)]
+    prompts = [(rng.choice(prefixes) if rng.random() < 0.7 else []) + [rng.randrange(128) for _ in range(rng.randint(1, 20))]
+               for _ in range(40)]
+    params = [SamplingParams(temperature=0, max_tokens=rng.randint(1, min(30, 60 - len(p))), ignore_eos=True)
+              for p in prompts]
+    llm = LLM(tiny_model, mode="elastic", budget_bytes=192 << 10, chunk_bytes=16 << 10, block_size=4,
+              max_num_batched_tokens=48, max_num_seqs=16, chunked_prefill=False)
+    pending, aborted = list(range(len(prompts))), set()
+    while pending or llm.has_unfinished_requests():
+        if pending and rng.random() < 0.5:
+            i = pending.pop(0)
+            llm.add_request(prompts[i], params[i], request_id=i)
+        if rng.random() < 0.015 and llm._requests:
+            victim = rng.choice(sorted(llm._requests))
+            llm.abort(victim)
+            aborted.add(victim)
+        llm.step()  # raised "no waiting request fits the budget although none is running" before
+    assert len(llm.metrics.requests) == len(prompts) - len(aborted)
+    assert_pool_empty(llm)

@@ -56,12 +56,13 @@ class BlockManager:
     def num_free(self):
         return len(self._free) + len(self._free_cached)
 
-    def _picks(self, count):
+    def _picks(self, count, compact=False):
         """The next `count` blocks grow() hands out, in order, each True if it is a cached one: the lowest
         free block, but a keyless one before a cached one while it is mapped anyway (below the high water
-        or what the KV cache maps)."""
+        or what the KV cache maps). compact: mapped only counts below the high water, so that the KV
+        cache's mapped tail can still be given back (a step that needs its room)."""
         plain, cached = _smallest(self._free, count), _smallest(self._free_cached, count)
-        free_below = max(self.high_water, self.mapped_blocks())
+        free_below = self.high_water if compact else max(self.high_water, self.mapped_blocks())
         picks, p, c = [], 0, 0
         while len(picks) < count:
             if c == len(cached) or (p < len(plain) and (plain[p] < cached[c] or plain[p] < free_below)):
@@ -73,20 +74,21 @@ class BlockManager:
             free_below = max(free_below, picks[-1][0] + 1)
         return picks
 
-    def high_water_after(self, extra_blocks):
-        """The high water mark if extra_blocks more were allocated now (None if there are not that many)."""
+    def high_water_after(self, extra_blocks, compact=False):
+        """The high water mark if extra_blocks more were allocated now by grow(..., compact) (None if there
+        are not that many)."""
         if extra_blocks == 0:
             return self.high_water
         if extra_blocks > self.num_free:
             return None
-        return max(self.high_water, max(block for block, _ in self._picks(extra_blocks)) + 1)
+        return max(self.high_water, max(block for block, _ in self._picks(extra_blocks, compact)) + 1)
 
-    def grow(self, seq, num_tokens):
-        """Give seq enough blocks to hold num_tokens tokens."""
+    def grow(self, seq, num_tokens, compact=False):
+        """Give seq enough blocks to hold num_tokens tokens (compact: see _picks)."""
         need = self.blocks_for(num_tokens) - len(seq.block_table)
         if need > self.num_free:
             raise RuntimeError(f"no free KV block: {need} wanted, {self.num_free} free")
-        for _, cached in self._picks(need):  # each heap gives its picks in order: pop them
+        for _, cached in self._picks(need, compact):  # each heap gives its picks in order: pop them
             block = heapq.heappop(self._free_cached if cached else self._free)
             if cached:  # its K/V are about to be overwritten
                 del self._cached[self._key_of.pop(block)]

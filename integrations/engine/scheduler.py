@@ -46,11 +46,14 @@ class Scheduler:
 
     def _try_take(self, seq, n, tokens, whole):
         extra = self.blocks.blocks_for(len(seq) if whole else seq.num_computed + n) - len(seq.block_table)
-        high_water = self.blocks.high_water_after(extra)
-        if high_water is None or not self.memory.fits(high_water, tokens + n, self._allowance()):
-            return False
-        self.blocks.grow(seq, seq.num_computed + n)
-        return True
+        # Blocks that keep cached prefixes alive first; if they would pin a mapped KV tail the step needs
+        # for itself, the lowest free blocks instead.
+        for compact in (False, True):
+            high_water = self.blocks.high_water_after(extra, compact)
+            if high_water is not None and self.memory.fits(high_water, tokens + n, self._allowance()):
+                self.blocks.grow(seq, seq.num_computed + n, compact)
+                return True
+        return False
 
     def _preempt(self, seq):
         swapped = self.preemption == "swap" and self.swap.swap_out(
