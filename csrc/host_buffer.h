@@ -13,7 +13,8 @@ namespace ellm {
 
 class HostBuffer {
  public:
-  // nbytes is rounded up to whole chunks. OutOfMemory past the host budget.
+  // nbytes is rounded up to whole chunks (or a cached buffer's size, up to 1.5x).
+  // OutOfMemory past the host budget.
   HostBuffer(std::shared_ptr<Pool> pool, size_t nbytes, Tag tag);
   ~HostBuffer();
 
@@ -30,7 +31,7 @@ class HostBuffer {
 
  private:
   std::shared_ptr<Pool> pool_;
-  const size_t nbytes_;
+  size_t nbytes_;
   const Tag tag_;
   mutable std::mutex mu_;
   uintptr_t addr_ = 0;  // 0 once released

@@ -46,6 +46,7 @@ Pool::~Pool() {
     if (t.live)
       std::fprintf(stderr, "torch_ellm: pool destroyed with %zu %s chunks still live\n", t.live, location_name(l));
   }
+  for (auto& b : cached_buffers_) backend_->free_parking(b.second, b.first);
   backend_->free_range(staging_, chunk_bytes_);
 }
 
@@ -109,6 +110,7 @@ bool Pool::take_locked(size_t n, Location where, Tag tag, std::vector<Chunk>& ou
   t.live += n;
   t.by_tag[static_cast<int>(tag)] += n;
   t.peak = std::max(t.peak, t.live - t.buffers);
+  if (where == Location::Host) release_excess_locked();  // cached host buffers count too
   return true;
 }
 
@@ -178,14 +180,26 @@ void Pool::count_host_buffer_locked(size_t n, Tag tag, bool add) {
   }
 }
 
-uintptr_t Pool::alloc_host_buffer(size_t bytes, Tag tag) {
+uintptr_t Pool::alloc_host_buffer(size_t& bytes, Tag tag) {
   size_t n = bytes / chunk_bytes_;
   {
     std::lock_guard<std::mutex> lock(mu_);
+    // A cached buffer up to half as large again is taken as it is: page-locking is slow (cuMemAllocHost).
+    auto hit = cached_buffers_.lower_bound(bytes);
+    if (hit != cached_buffers_.end() && hit->first <= bytes + bytes / 2 &&
+        tier(Location::Host).live + hit->first / chunk_bytes_ <= limit_locked(Location::Host, tag)) {
+      bytes = hit->first;
+      uintptr_t addr = hit->second;
+      cached_buffers_.erase(hit);
+      cached_buffer_chunks_ -= bytes / chunk_bytes_;
+      count_host_buffer_locked(bytes / chunk_bytes_, tag, true);
+      log_locked("alloc", bytes, 0);
+      return addr;
+    }
     if (tier(Location::Host).live + n > limit_locked(Location::Host, tag))
       throw oom_locked(n, Location::Host, tag, now(), true);
     count_host_buffer_locked(n, tag, true);
-    release_excess_locked();  // the cache may now hold host chunks past the budget
+    release_excess_locked();  // the caches may now hold host memory past the budget
   }
   uintptr_t addr;
   try {
@@ -206,10 +220,18 @@ uintptr_t Pool::alloc_host_buffer(size_t bytes, Tag tag) {
 }
 
 void Pool::free_host_buffer(uintptr_t addr, size_t bytes, Tag tag) {
-  backend_->free_parking(addr, bytes);
   std::lock_guard<std::mutex> lock(mu_);
   count_host_buffer_locked(bytes / chunk_bytes_, tag, false);
+  cached_buffers_.emplace(bytes, addr);
+  cached_buffer_chunks_ += bytes / chunk_bytes_;
+  release_excess_locked();
   log_locked("free", bytes, 0);
+}
+
+void Pool::drop_cached_buffer_locked(std::multimap<size_t, uintptr_t>::iterator it) {
+  backend_->free_parking(it->second, it->first);
+  cached_buffer_chunks_ -= it->first / chunk_bytes_;
+  cached_buffers_.erase(it);
 }
 
 void Pool::release(const std::vector<Chunk>& chunks, Tag tag) {
@@ -228,10 +250,14 @@ void Pool::release(const std::vector<Chunk>& chunks, Tag tag) {
 void Pool::release_excess_locked() {
   for (auto l : {Location::Device, Location::Host}) {
     Tier& t = tier(l);
-    while (!t.cached.empty() && t.physical() > limit_locked(l, Tag::Activations)) {
+    size_t limit = limit_locked(l, Tag::Activations);
+    auto physical = [&] { return t.physical() + (l == Location::Host ? cached_buffer_chunks_ : 0); };
+    while (!t.cached.empty() && physical() > limit) {
       drop_chunk(t.cached.back(), l);
       t.cached.pop_back();
     }
+    while (l == Location::Host && !cached_buffers_.empty() && physical() > limit)
+      drop_cached_buffer_locked(std::prev(cached_buffers_.end()));  // the largest first
   }
 }
 
@@ -341,6 +367,8 @@ size_t Pool::trim() {
     freed += t.cached.size() * chunk_bytes_;
     t.cached.clear();
   }
+  freed += cached_buffer_chunks_ * chunk_bytes_;
+  while (!cached_buffers_.empty()) drop_cached_buffer_locked(cached_buffers_.begin());
   log_locked("trim", freed, 0);
   return freed;
 }
@@ -540,6 +568,7 @@ std::map<std::string, double> Pool::stats() const {
       {"host_buffer_bytes", b(h.buffers)},
       {"borrowed_peak_bytes", b(h.peak)},
       {"host_cached_bytes", b(h.cached.size())},
+      {"host_buffer_cached_bytes", b(cached_buffer_chunks_)},
       {"mapped_host_bytes", b(h.mapped)},
       {"virtual_tensors", static_cast<double>(tensors_.size())},
       {"parks_host", parks_host_ ? 1.0 : 0.0},

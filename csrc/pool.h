@@ -120,8 +120,10 @@ class Pool : public std::enable_shared_from_this<Pool> {
 
   // Page-locked host memory of `bytes` (a multiple of the chunk size) for a
   // HostBuffer, counted in the host tier under tag beside borrowed chunks.
-  // OutOfMemory past the host budget.
-  uintptr_t alloc_host_buffer(size_t bytes, Tag tag);
+  // OutOfMemory past the host budget. A freed buffer is cached for reuse while
+  // the budget has room; a cached one up to 1.5x `bytes` may be handed out, and
+  // `bytes` is then set to its size.
+  uintptr_t alloc_host_buffer(size_t& bytes, Tag tag);
   void free_host_buffer(uintptr_t addr, size_t bytes, Tag tag);
 
   // Bring borrowed chunks back to the device while there is room.
@@ -160,6 +162,7 @@ class Pool : public std::enable_shared_from_this<Pool> {
   // What the pool holds, said to one asking n chunks of `where` for tag (counted as an OOM if asked).
   OutOfMemory oom_locked(size_t n, Location where, Tag tag, double t0, bool count);
   void count_host_buffer_locked(size_t n, Tag tag, bool add);
+  void drop_cached_buffer_locked(std::multimap<size_t, uintptr_t>::iterator it);
   double now() const;
   size_t deflate(size_t want_bytes);
   size_t borrow(size_t want_bytes);
@@ -182,6 +185,9 @@ class Pool : public std::enable_shared_from_this<Pool> {
   Tier tiers_[2];
   size_t reserved_bytes_ = 0;
   const bool parks_host_;
+  // Host buffers given back, kept for reuse (size -> address): physical host memory, not live.
+  std::multimap<size_t, uintptr_t> cached_buffers_;
+  size_t cached_buffer_chunks_ = 0;
   Policy policy_;
   std::deque<Event> events_;
   size_t event_capacity_ = 1 << 16;

@@ -122,3 +122,50 @@ def test_threads_never_pass_the_budget_or_share_bytes():
     assert max(peaks) <= 6 * C
     assert pool.stats()["borrowed_peak_bytes"] == 0  # buffers are not borrowed chunks
     check_empty(pool)
+
+
+def test_released_buffers_are_cached_reused_and_trimmed():
+    pool = make_pool(host_budget_chunks=8)
+    first = pool.host_buffer(2 * C)
+    addr = first.data_ptr()
+    first.release()
+    assert pool.host_buffer_bytes == 0 and pool.stats()["host_buffer_cached_bytes"] == 2 * C
+    again = pool.host_buffer(2 * C)
+    assert again.data_ptr() == addr and pool.stats()["host_buffer_cached_bytes"] == 0
+    again.release()
+    bigger = pool.host_buffer(3 * C)  # 2 chunks cached, 3 wanted: a new buffer
+    assert bigger.nbytes == 3 * C and pool.stats()["host_buffer_cached_bytes"] == 2 * C
+    bigger.release()
+    assert pool.trim() == 5 * C  # both cached buffers freed
+    pool.host_buffer(3 * C).release()
+    smaller = pool.host_buffer(2 * C)  # 3 chunks cached (1.5x of 2): taken as it is
+    assert smaller.nbytes == 3 * C and pool.host_buffer_bytes == 3 * C
+    smaller.release()
+    tiny = pool.host_buffer(C)  # nothing cached within 1.5x of 1 chunk
+    assert tiny.nbytes == C
+    tiny.release()
+    assert pool.trim() == 4 * C
+    assert pool.stats()["host_buffer_cached_bytes"] == 0
+    check_empty(pool)
+
+
+def test_cached_buffers_give_way_to_the_budget():
+    """Cached buffers are physical host memory: a borrow or a new buffer that needs the room drops them."""
+    pool = make_pool(budget_chunks=4, host_budget_chunks=4)
+    pool.host_buffer(4 * C).release()
+    assert pool.stats()["host_buffer_cached_bytes"] == 4 * C
+    m = Mirror(pool, 4 * C, tag="kv")
+    m.resize(4 * C, torch.Generator().manual_seed(0))
+    assert m.vt.offload(0, 2 * C) == 2 * C
+    s = pool.stats()
+    assert s["host_buffer_cached_bytes"] == 0 and s["borrowed_bytes"] == 2 * C
+    m.vt.prefetch()
+    m.check()
+    m.release()
+    pool.host_buffer(3 * C).release()  # 3 cached, the budget's 4 chunks: a 1-chunk buffer drops nothing
+    one = pool.host_buffer(C)
+    assert pool.stats()["host_buffer_cached_bytes"] == 3 * C
+    two = pool.host_buffer(2 * C)  # 1 + 2 live and 3 cached would pass 4: the cache goes
+    assert pool.stats()["host_buffer_cached_bytes"] == 0
+    one.release(), two.release()
+    check_empty(pool)

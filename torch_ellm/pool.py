@@ -141,7 +141,9 @@ class Pool:
     def host_buffer(self, nbytes, tag="kv"):
         """Page-locked host memory of nbytes (rounded up to whole chunks) from the host budget, beside
         borrowed chunks: OutOfMemoryError past it. For bytes the owner copies out of device memory and
-        back itself (swapped KV); see HostBuffer."""
+        back itself (swapped KV); see HostBuffer. Released buffers stay cached for reuse (page-locking
+        is slow) while the host budget has room; a cached one up to 1.5x nbytes may be handed out, so
+        check .nbytes. trim() frees the cache."""
         return HostBuffer(self._pool.host_buffer(parse_bytes(nbytes, "nbytes"), _check_tag(tag)))
 
     def stats(self):
@@ -342,6 +344,9 @@ class HostBuffer:
     @property
     def released(self):
         return self._buf.released
+
+    def data_ptr(self):
+        return self._buf.data_ptr()
 
     def as_tensor(self, shape, dtype, offset=0):
         """A CPU tensor over bytes [offset, offset + numel*itemsize), no copy. The buffer cannot be
