@@ -6,6 +6,8 @@
   (set_budget(0) borrows, return_borrowed gives back): GB/s and microseconds per chunk, against a
   plain copy of the same bytes in the same run (host: torch copy_ between two CPU buffers, i.e.
   memcpy; cuda: device-to-host and host-to-device copies with pinned memory).
+- host buffer: seconds to get page-locked host memory of that size (the engine's swap space) new (after
+  trim(): mmap + populate on host, cuMemAllocHost on cuda) and from the pool's cache of released buffers.
 - request wait: seconds until a 1 GiB request (256 MiB with --quick) is mapped when the memory is
   free (cold: backend creates chunks; cached), when a consumer must shrink first, and when the pool
   must borrow host memory from a live kv tensor first.
@@ -71,6 +73,15 @@ def copies(device, size, repeats):
             "host -> device copy (pinned)": median_time(device, lambda: src.copy_(host), repeats)}
 
 
+def host_buffers(device, size, repeats):
+    """Median seconds to get a `size` host buffer: {"new": ..., "cached": ...}."""
+    p = pool(device, size, host_budget=size)
+    out = {"new": median_time(device, lambda: p.host_buffer(size).release(), repeats, setup=p.trim),
+           "cached": median_time(device, lambda: p.host_buffer(size).release(), repeats)}
+    p.trim()
+    return out
+
+
 def request_waits(device, size):
     """Seconds a `size` request waits to be mapped, by what the pool must do first."""
     out = {}
@@ -123,6 +134,10 @@ def main():
     print_table(f"moving {size // MiB} MiB in {CHUNK // MiB} MiB chunks ({device}, median of {repeats})",
                 ["operation", "GB/s", "us per chunk", "time vs fastest copy"], rows)
 
+    buffers = host_buffers(device, size, repeats)
+    print_table(f"a {size // MiB} MiB host buffer ({device}, median of {repeats})", ["source", "ms", "vs new"],
+                [[name, f"{s * 1e3:.3f}", f"{s / buffers['new']:.5f}x"] for name, s in buffers.items()])
+
     waits = request_waits(device, request)
     free = waits["free memory, cold chunks"]
     print_table(f"a {request // MiB} MiB request: seconds until mapped ({device})",
@@ -134,6 +149,7 @@ def main():
         "move_seconds": moved, "copy_seconds": plain,
         "move_gb_per_s": {k: size / s / 1e9 for k, s in moved.items()},
         "copy_gb_per_s": {k: size / s / 1e9 for k, s in plain.items()},
+        "host_buffer_seconds": buffers,
         "request_bytes": request, "request_wait_seconds": waits,
     })
 
