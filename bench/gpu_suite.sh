@@ -16,6 +16,9 @@ mkdir -p bench/results
   echo "# torch_ellm GPU suite on ${device:-unknown GPU}, $(date -u +%Y-%m-%dT%H:%MZ): ${parts[*]}"
   python -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])"
   python -m pip install -q --no-build-isolation --no-deps -e . || exit 1
+  # enable() builds this shim for its hooks (empty_cache, record_stream, OOM as torch.OutOfMemoryError).
+  python -c "from torch_ellm import shim; shim.load(cuda=True); print('shim with CUDA hooks: built')" \
+    || echo "shim with CUDA hooks: NOT built (needs a CUDA toolkit: CUDA_HOME); the enable() hook tests will fail"
   status=0
   for part in "${parts[@]}"; do
     echo "## $part"

@@ -4,6 +4,7 @@
 #include "allocator_api.h"
 
 #include <array>
+#include <cstdio>
 #include <sys/types.h>
 
 namespace ellm {
@@ -13,7 +14,9 @@ constexpr int kMaxDevices = 64;
 
 std::mutex registry_mu;
 AllocatorConfig config;
-std::array<std::shared_ptr<CachingAllocator>, kMaxDevices> allocators;
+// Never destroyed: statics are torn down after the CUDA driver has shut down, and releasing
+// pools then would fail (PyTorch leaks its own allocator for the same reason).
+auto& allocators = *new std::array<std::shared_ptr<CachingAllocator>, kMaxDevices>();
 thread_local Tag current_tag = Tag::Activations;
 thread_local std::string last_error;
 OomThrower oom_thrower = nullptr;
@@ -151,8 +154,20 @@ ELLM_EXPORT void* torch_ellm_alloc(ssize_t size, int device, void* stream) {
   throw std::runtime_error(last_error);
 }
 
+// For a torch.cuda.MemPool (mem_pool()): PyTorch's own caching allocator calls this and takes
+// nullptr for out of memory, frees its cached blocks and retries before it raises.
+ELLM_EXPORT void* torch_ellm_alloc_or_null(ssize_t size, int device, void* stream) {
+  void* out = nullptr;
+  int rc = torch_ellm_try_alloc(size, device, stream, &out);
+  if (rc == ELLM_OK || rc == ELLM_OUT_OF_MEMORY) return out;
+  throw std::runtime_error(last_error);
+}
+
+// Runs inside PyTorch's deleters, where an exception would terminate the process: a
+// failure (a sticky CUDA error, a pointer that is not ours) is reported and the block kept.
 ELLM_EXPORT void torch_ellm_free(void* ptr, ssize_t /*size*/, int device, void* /*stream*/) {
-  if (torch_ellm_try_free(ptr, device) != ELLM_OK) throw std::runtime_error(last_error);
+  if (torch_ellm_try_free(ptr, device) != ELLM_OK)
+    std::fprintf(stderr, "torch_ellm: free of %p on device %d failed: %s\n", ptr, device, last_error.c_str());
 }
 
 }  // extern "C"

@@ -1,6 +1,7 @@
 #include "caching_allocator.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <limits>
 
 #include "format.h"
@@ -53,8 +54,12 @@ void CachingAllocator::register_with_pool(const std::shared_ptr<CachingAllocator
 CachingAllocator::~CachingAllocator() {
   if (consumer_id_) pool_->remove_consumer(consumer_id_);
   std::lock_guard<std::mutex> lock(mu_);
-  for (auto& p : pending_)
-    for (uint64_t e : p->events) pool_->backend().destroy_event(e);
+  try {
+    for (auto& p : pending_)
+      for (uint64_t e : p->events) pool_->backend().destroy_event(e);
+  } catch (const std::exception& e) {  // a destructor must not throw
+    std::fprintf(stderr, "torch_ellm: destroying the allocator's events failed: %s\n", e.what());
+  }
 }
 
 // Two classes per power of two (2^k and 1.5 * 2^k): at most a third wasted.

@@ -70,13 +70,12 @@ struct Driver {
 using GetProcAddress = CUresult (*)(const char*, void**, int, cuuint64_t, CUdriverProcAddressQueryResult*);
 
 GetProcAddress find_get_proc_address(void* lib) {
+  // Drivers from 12.0 on export the five-argument form under this name (the unversioned
+  // export keeps the old four-argument signature).
   if (auto fn = reinterpret_cast<GetProcAddress>(dlsym(lib, "cuGetProcAddress_v2"))) return fn;
-  // The unversioned name has the five-argument signature only from CUDA 12.0 on.
   auto driver_version = reinterpret_cast<CUresult (*)(int*)>(dlsym(lib, "cuDriverGetVersion"));
   int version = 0;
   if (driver_version) Driver{}.check("cuDriverGetVersion", driver_version(&version));
-  auto fn = reinterpret_cast<GetProcAddress>(dlsym(lib, "cuGetProcAddress"));
-  if (version >= 12000 && fn) return fn;
   throw BackendError("torch_ellm needs a CUDA 12.0 or newer driver; libcuda.so.1 is version " +
                      std::to_string(version / 1000) + "." + std::to_string(version % 1000 / 10));
 }
@@ -200,7 +199,7 @@ class CudaBackend final : public Backend {
   }
 
   void free_range(uintptr_t addr, size_t bytes) override {
-    in_context([&] { d_.check("cuMemAddressFree", d_.MemAddressFree(addr, bytes)); });
+    releasing("cuMemAddressFree", [&] { return d_.MemAddressFree(addr, bytes); });
   }
 
   Handle create_chunk(size_t bytes, Location where) override {
@@ -217,7 +216,7 @@ class CudaBackend final : public Backend {
   }
 
   void release_chunk(Handle h, size_t /*bytes*/, Location /*where*/) override {
-    in_context([&] { d_.check("cuMemRelease", d_.MemRelease(h)); });
+    releasing("cuMemRelease", [&] { return d_.MemRelease(h); });
   }
 
   void map(uintptr_t addr, size_t bytes, Handle h) override {
@@ -235,7 +234,7 @@ class CudaBackend final : public Backend {
   }
 
   void unmap(uintptr_t addr, size_t bytes) override {
-    in_context([&] { d_.check("cuMemUnmap", d_.MemUnmap(addr, bytes)); });
+    releasing("cuMemUnmap", [&] { return d_.MemUnmap(addr, bytes); });
   }
 
   // Page-locked and, with unified addressing, a valid cuMemcpy operand.
@@ -246,7 +245,7 @@ class CudaBackend final : public Backend {
   }
 
   void free_parking(uintptr_t addr, size_t /*bytes*/) override {
-    in_context([&] { d_.check("cuMemFreeHost", d_.MemFreeHost(reinterpret_cast<void*>(addr))); });
+    releasing("cuMemFreeHost", [&] { return d_.MemFreeHost(reinterpret_cast<void*>(addr)); });
   }
 
   // cuMemcpy between two device-mapped addresses (host-located chunks
@@ -281,7 +280,7 @@ class CudaBackend final : public Backend {
   }
 
   void destroy_event(uint64_t event) override {
-    in_context([&] { d_.check("cuEventDestroy", d_.EventDestroy(reinterpret_cast<CUevent>(event))); });
+    releasing("cuEventDestroy", [&] { return d_.EventDestroy(reinterpret_cast<CUevent>(event)); });
   }
 
   void grant_access(uintptr_t addr, size_t bytes, int peer_device) override {
@@ -351,6 +350,20 @@ class CudaBackend final : public Backend {
       d_.check("cuMemGetAllocationGranularity",
                d_.MemGetAllocationGranularity(&host_granularity_, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM));
     return host_granularity_;
+  }
+
+  // A release call (returns a CUresult). At process exit the driver may have shut
+  // down before our statics go: it frees everything then, so that counts as done.
+  template <class F>
+  void releasing(const char* call, F&& f) const {
+    CUcontext current = nullptr;
+    CUresult r = d_.CtxGetCurrent(&current);
+    if (r == CUDA_ERROR_DEINITIALIZED) return;
+    d_.check("cuCtxGetCurrent", r);
+    in_context([&] {
+      CUresult result = f();
+      if (result != CUDA_ERROR_DEINITIALIZED) d_.check(call, result);
+    });
   }
 
   // Runs f with our primary context current on this thread. A thread that had

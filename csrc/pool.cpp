@@ -40,14 +40,18 @@ Pool::Pool(std::unique_ptr<Backend> backend, size_t chunk_bytes, size_t budget_b
 }
 
 Pool::~Pool() {
-  for (auto l : {Location::Device, Location::Host}) {
-    Tier& t = tier(l);
-    for (Handle h : t.cached) drop_chunk(h, l);
-    if (t.live)
-      std::fprintf(stderr, "torch_ellm: pool destroyed with %zu %s chunks still live\n", t.live, location_name(l));
+  try {
+    for (auto l : {Location::Device, Location::Host}) {
+      Tier& t = tier(l);
+      for (Handle h : t.cached) drop_chunk(h, l);
+      if (t.live)
+        std::fprintf(stderr, "torch_ellm: pool destroyed with %zu %s chunks still live\n", t.live, location_name(l));
+    }
+    for (auto& b : cached_buffers_) backend_->free_parking(b.second, b.first);
+    backend_->free_range(staging_, chunk_bytes_);
+  } catch (const std::exception& e) {  // a destructor must not throw
+    std::fprintf(stderr, "torch_ellm: releasing a pool failed: %s\n", e.what());
   }
-  for (auto& b : cached_buffers_) backend_->free_parking(b.second, b.first);
-  backend_->free_range(staging_, chunk_bytes_);
 }
 
 Handle Pool::new_chunk(Location where) {

@@ -4,6 +4,8 @@ Every test configures the allocator itself (configure() needs no live allocation
 what it allocated, so tests can run in any order.
 """
 import ctypes
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -189,6 +191,22 @@ def test_out_of_memory_is_reported_and_recovers():
     assert_all_returned()
 
 
+def test_mem_pool_entry_point_returns_null_on_out_of_memory():
+    """mem_pool()'s alloc: PyTorch's own caching allocator takes NULL for out of memory (frees its
+    cache, retries, then raises torch.OutOfMemoryError), so it must not throw there."""
+    configure("4MiB")
+    alloc_or_null = lib.torch_ellm_alloc_or_null
+    alloc_or_null.argtypes, alloc_or_null.restype = [ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p], ctypes.c_void_p
+    assert alloc_or_null(8 * MiB, 0, None) is None
+    assert "tried to allocate 8.00 MiB" in last_error()
+    ptr = alloc_or_null(1 * MiB, 0, None)
+    assert ptr
+    fill(ptr, 1 * MiB, 3)
+    assert intact(ptr, 1 * MiB, 3)
+    free(ptr)
+    assert_all_returned()
+
+
 def assert_counters(retries, reserved):
     s = stats()
     assert (s["num_alloc_retries"], s["num_ooms"], s["reserved_bytes.all.current"]) == (retries, 0, reserved)
@@ -363,3 +381,17 @@ def test_oom_shim_raises_torch_out_of_memory():
 
     with pytest.raises(torch.OutOfMemoryError, match="x"):
         shim.load().raise_oom("x")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the shim's CUDA hooks may build")
+def test_shim_without_cuda_hooks_still_makes_oom_a_torch_error():
+    """Where the CUDA shim cannot be built, enable() falls back to the Python API; the CPU shim then
+    still installs the thrower, so the warning must not promise a plain RuntimeError."""
+    code = ("import warnings\nfrom torch_ellm import shim\nwith warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n    ok = shim.install_cuda_allocator()\n"
+            "print(ok, '|', ' '.join(str(x.message) for x in w))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ok, message = done.stdout.strip().split(" | ", 1)
+    assert ok == "False" and "could not build the PyTorch shim with CUDA hooks" in message
+    assert "out of memory will raise RuntimeError" not in message

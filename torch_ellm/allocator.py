@@ -78,8 +78,8 @@ def enable(budget=None, host_budget=None, chunk=None, fraction=None):
     _state["enabled"] = True
 
 
-def _python_allocator():
-    return torch.cuda.memory.CUDAPluggableAllocator(_C.__file__, "torch_ellm_alloc", "torch_ellm_free")
+def _python_allocator(alloc="torch_ellm_alloc"):
+    return torch.cuda.memory.CUDAPluggableAllocator(_C.__file__, alloc, "torch_ellm_free")
 
 
 def is_enabled():
@@ -90,8 +90,9 @@ def mem_pool():
     """A torch.cuda.MemPool backed by torch_ellm, for the scoped route (PyTorch 2.5+):
     `with torch.cuda.use_mem_pool(torch_ellm.mem_pool()): ...` puts only that code in the pool.
     Call configure() first to set the budget. PyTorch's caching allocator still caches and
-    splits inside a MemPool; routing is per thread."""
-    return torch.cuda.MemPool(_python_allocator().allocator())
+    splits inside a MemPool; routing is per thread. Out of memory there: PyTorch frees the MemPool's
+    cached blocks back to torch_ellm, retries, then raises torch.OutOfMemoryError."""
+    return torch.cuda.MemPool(_python_allocator("torch_ellm_alloc_or_null").allocator())
 
 
 @contextlib.contextmanager

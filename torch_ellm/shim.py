@@ -98,10 +98,14 @@ def install_cuda_allocator():
     the Python API, which takes alloc and free only."""
     try:
         ops = load(cuda=True)
-    except Exception as e:  # no compiler or headers here: degrade, but say so
-        warnings.warn(f"torch_ellm: could not build the PyTorch shim ({e}); out of memory will raise RuntimeError, "
-                      "and torch.cuda.empty_cache/record_stream/set_per_process_memory_fraction will not reach "
-                      "torch_ellm (use torch_ellm.empty_cache/record_stream instead)")
+    except Exception as e:  # no CUDA headers or compiler here: degrade, but say so
+        lost = ("torch.cuda.empty_cache/record_stream/set_per_process_memory_fraction will not reach torch_ellm "
+                "(use torch_ellm.empty_cache/record_stream instead)")
+        try:  # the CPU shim needs no CUDA headers and still makes out of memory a torch.OutOfMemoryError
+            install_oom_error(load(cuda=False))
+        except Exception:
+            lost = "out of memory will raise RuntimeError, and " + lost
+        warnings.warn(f"torch_ellm: could not build the PyTorch shim with CUDA hooks ({e}); {lost}")
         return False
     lib = ctypes.CDLL(_C.__file__)
     ops.install_allocator(*(_address(lib, n) for n in ("torch_ellm_alloc", "torch_ellm_free",
