@@ -262,3 +262,13 @@ def test_swapped_requests_share_cached_prefix_blocks_on_the_way_back(tiny_model)
     # The prefix found cached, not copied back (and some found their own full blocks still cached too).
     assert skipped and max(skipped) >= 6
     assert_pool_empty(llm)
+
+
+@pytest.mark.parametrize("preemption, host_tier, warned", [
+    ("swap", "auto", "no host budget"), ("borrow", "auto", "no host budget"), ("borrow", "parked", "parked")])
+def test_preemption_that_cannot_use_host_memory_warns(tiny_model, preemption, host_tier, warned):
+    host_budget = 0 if warned == "no host budget" else 1 * MB
+    pool = Pool("host", budget_bytes=1 * MB, host_budget_bytes=host_budget, chunk_bytes=16 << 10, host_tier=host_tier)
+    with pytest.warns(UserWarning, match=warned):
+        llm = make_engine(tiny_model, pool=pool, preemption=preemption, block_size=4, max_num_batched_tokens=32)
+    llm.close()

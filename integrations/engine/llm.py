@@ -1,6 +1,7 @@
 """The engine: LLM(model, ...) with generate() for offline batches and add_request/step/abort online."""
 import itertools
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +99,12 @@ class LLM:
                                    mapped_blocks=lambda: self.kv_cache.num_blocks)
         self.kv_cache.on_shrink = self.blocks.forget_unmapped
         self.swap = SwapSpace(self.pool, self.kv_cache)
+        if preemption in ("swap", "borrow") and not self.memory.pool.host_budget_bytes:
+            warnings.warn(f"preemption={preemption!r} but the pool has no host budget: preempted requests will be "
+                          "recomputed (pass host_budget_bytes=, or pool.set_host_budget())")
+        elif preemption == "borrow" and not self.memory.host_budget():
+            warnings.warn("preemption='borrow' needs host-mapped chunks, which this pool's host tier (parked) lacks: "
+                          "preempted requests will be recomputed; preemption='swap' works on either tier")
         chosen = FCFSPolicy() if policy == "fcfs" else SLOPolicy(self.pool.host_budget_bytes, max_num_batched_tokens,
                                                                   max_num_seqs, block_size)
         self.scheduler = Scheduler(self.blocks, self.memory, chosen, max_num_seqs, max_num_batched_tokens,
