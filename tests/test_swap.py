@@ -158,7 +158,7 @@ class Flaky:
     def __call__(self, *args, **kwargs):
         if self.left and self.when(*args, **kwargs):
             self.left -= 1
-            raise self.error
+            raise type(self.error)(*self.error.args)  # a fresh one: a raised error keeps its frames
         return self.method(*args, **kwargs)
 
 
@@ -166,7 +166,8 @@ class FailingCopy(Exception):
     """Stands for whatever a torch copy may raise."""
 
 
-@pytest.mark.parametrize("where", ["begin_step", "copy back", "copy back, not overlapped", "swap out"])
+@pytest.mark.parametrize("where", ["begin_step", "copy back", "copy back, not overlapped", "swap out",
+                                   "copy out"])
 def test_a_failed_step_loses_no_swapped_request(tiny_model, unpreempted, monkeypatch, where):
     """A step that fails (no memory after all, a copy or host allocation error) leaves every request
     servable: swapped ones wait again with their K/V still in host memory, and retrying finishes all of
@@ -181,9 +182,12 @@ def test_a_failed_step_loses_no_swapped_request(tiny_model, unpreempted, monkeyp
         llm.swap.overlap = where == "copy back"
         flaky = Flaky(LayerCopies._copy_layer, FailingCopy("injected"), failures=3)
         monkeypatch.setattr(LayerCopies, "_copy_layer", lambda self, layer: flaky(self, layer))
-    else:
+    elif where == "swap out":
         error = torch_ellm.BackendError("injected")
         monkeypatch.setattr(llm.pool, "host_buffer", Flaky(llm.pool.host_buffer, error, failures=3))
+    else:
+        flaky_out = Flaky(SwapSpace._copy_out, FailingCopy("injected"), failures=3)
+        monkeypatch.setattr(SwapSpace, "_copy_out", lambda self, host, blocks: flaky_out(self, host, blocks))
     ids = [llm.add_request(p, PARAMS) for p in prompts(30)]
     failures, outs, aborted = 0, {}, set()
     while llm.has_unfinished_requests():
@@ -198,7 +202,7 @@ def test_a_failed_step_loses_no_swapped_request(tiny_model, unpreempted, monkeyp
             if swapped and not aborted:
                 llm.abort(swapped[0])
                 aborted.add(swapped[0])
-    assert failures == 3 and (aborted or where == "swap out")
+    assert failures == 3 and (aborted or where in ("swap out", "copy out"))
     assert [outs.get(i) for i in ids] == [None if i in aborted else ref for i, ref in zip(ids, unpreempted)]
     assert llm.metrics.summary()["swap_ins"] > 0
     assert llm.pool.host_buffer_bytes == 0

@@ -69,18 +69,24 @@ class SwapSpace:
             return False
         swapped = _Swapped(buf, buf.as_tensor((len(self.kv.layers), len(blocks), *self.kv.block_shape),
                                               self.kv.dtype), seq.num_computed)
+        error = None
         try:
-            with torch.inference_mode():
-                for layer, cache in enumerate(self.kv.views):
-                    for i, block, n in _runs(blocks):
-                        swapped.host[layer, i:i + n].copy_(cache[block:block + n], non_blocking=True)
-                if self.pool.device.type == "cuda":
-                    torch.cuda.current_stream(self.kv.views[0].device).synchronize()  # the blocks go next
-        except BaseException:
+            self._copy_out(swapped.host, blocks)
+        except Exception as e:  # raised below, without frames that hold views of the buffer and the cache
+            error = RuntimeError(f"copying K/V out to host memory failed: {e!r}")
+        if error is not None:
             swapped.release()
-            raise
+            raise error
         self._held[seq] = swapped
         return True
+
+    def _copy_out(self, host, blocks):
+        with torch.inference_mode():
+            for layer, cache in enumerate(self.kv.views):
+                for i, block, n in _runs(blocks):
+                    host[layer, i:i + n].copy_(cache[block:block + n], non_blocking=True)
+            if self.pool.device.type == "cuda":
+                torch.cuda.current_stream(self.pool.device).synchronize()  # the blocks are freed next
 
     def swap_in(self, admitted):
         """The copies of K/V back into the cache, not started, for admitted: (seq, leading blocks of its
