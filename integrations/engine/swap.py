@@ -56,7 +56,8 @@ class SwapSpace:
     def swap_out(self, seq, allowance):
         """Copy the blocks holding seq's computed K/V to host memory, if that stays within `allowance`
         bytes of swap space and the pool's host budget. True if done (seq's blocks may then be freed);
-        False, with nothing changed, if there is no room."""
+        False, with nothing changed, if there is no room. The allowance is checked against the size
+        asked: a cached buffer the pool hands out may be up to half as large again (the budget holds)."""
         blocks = seq.block_table[:-(-seq.num_computed // self.kv.block_shape[1])]
         chunk = self.pool.chunk_bytes
         nbytes = -(-len(self.kv.layers) * len(blocks) * self.kv.block_bytes // chunk) * chunk  # as the pool rounds
