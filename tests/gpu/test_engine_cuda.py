@@ -52,3 +52,14 @@ def test_swap_preemption_matches_hf_generate(model, prompts_and_reference, host_
     assert pool.host_buffer_bytes == 0
     llm.close()
     assert pool.stats()["mapped_device_bytes"] == 0
+
+
+def test_seeded_sampling_on_cuda_repeats(model):
+    """A request's seed makes a CPU generator while the logits are on the GPU: sampling must still work
+    and repeat."""
+    pool = torch_ellm.Pool("cuda", device=0, budget_bytes=256 * MiB)
+    llm = LLM(model, mode="elastic", pool=pool, max_model_len=512, max_num_batched_tokens=256, block_size=16)
+    params = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, max_tokens=8, seed=7, ignore_eos=True)
+    first, second = llm.generate([[1, 2, 3], [1, 2, 3]], params, use_tqdm=False)
+    assert first.token_ids == second.token_ids and len(first.token_ids) == 8
+    llm.close()
