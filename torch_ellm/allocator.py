@@ -179,7 +179,8 @@ def reset_peak_memory_stats(device=None):
 
 def record_stream(tensor, stream):
     """tensor's memory is also used on stream: it is reused only after work queued there ends.
-    (Tensor.record_stream does nothing with a pluggable allocator: PyTorch exposes no hook.)"""
+    Tensor.record_stream does the same under enable() when the shim's CUDA hooks are built; without
+    them PyTorch ignores it for a pluggable allocator, and this is the way."""
     _C.allocator_record_stream(tensor.untyped_storage().data_ptr(), tensor.device.index or 0, stream.cuda_stream)
 
 

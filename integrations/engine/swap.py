@@ -1,6 +1,6 @@
 """Swapping, eLLM's CPU tier: a preempted request's K/V go to a host buffer from the pool's host
-budget, and come back into fresh blocks when it is scheduled again, one layer ahead of the model so
-that the copies overlap its compute. Unlike borrowing (host chunks mapped at the KV cache's own
+budget, and come back into fresh blocks when it is scheduled again, layer by layer, the model waiting
+only for the layer it is about to use, so that the copies overlap its compute. Unlike borrowing (host chunks mapped at the KV cache's own
 address, read in place), this needs no host-mapped memory and the model never reads host memory."""
 import threading
 import time
@@ -114,7 +114,7 @@ class SwapSpace:
 
 
 class LayerCopies:
-    """Host-to-device copies of some requests' K/V, issued layer by layer ahead of the model: on CUDA on a
+    """Host-to-device copies of some requests' K/V, issued in layer order ahead of the model: on CUDA on a
     side stream (the model's stream waits on each layer's event), on CPU in a worker thread. start(), then
     wait(layer) before the model touches that layer's cache, then finish(), also after a failure."""
 
