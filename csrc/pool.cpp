@@ -113,7 +113,7 @@ bool Pool::take_locked(size_t n, Location where, Tag tag, std::vector<Chunk>& ou
   }
   t.live += n;
   t.by_tag[static_cast<int>(tag)] += n;
-  t.peak = std::max(t.peak, t.live - t.buffers);
+  t.peak = std::max(t.peak, t.borrowed());
   if (where == Location::Host) release_excess_locked();  // cached host buffers count too
   return true;
 }
@@ -169,7 +169,7 @@ OutOfMemory Pool::oom_locked(size_t n, Location where, Tag tag, double t0, bool 
       tag_name(tag) + ". Device budget " + format_bytes(budget_) + ", " + format_bytes(d.live * chunk_bytes_) +
       " in use" + (by_tag.empty() ? "" : " (" + by_tag + ")") + ", " + format_bytes(d.cached.size() * chunk_bytes_) +
       " cached free, " + format_bytes(policy_.keep_free_bytes) + " kept for activations. Host budget " +
-      format_bytes(host_budget_) + ", " + format_bytes((h.live - h.buffers) * chunk_bytes_) + " borrowed, " +
+      format_bytes(host_budget_) + ", " + format_bytes(h.borrowed() * chunk_bytes_) + " borrowed, " +
       format_bytes(h.buffers * chunk_bytes_) + " in host buffers. Free tensors, raise the budget, or allow "
       "borrowing for more tags.");
 }
@@ -568,7 +568,7 @@ std::map<std::string, double> Pool::stats() const {
       {"device_cached_bytes", b(d.cached.size())},
       {"device_physical_bytes", b(d.physical())},
       {"mapped_device_bytes", b(d.mapped)},
-      {"borrowed_bytes", b(h.live - h.buffers)},
+      {"borrowed_bytes", b(h.borrowed())},
       {"host_buffer_bytes", b(h.buffers)},
       {"borrowed_peak_bytes", b(h.peak)},
       {"host_cached_bytes", b(h.cached.size())},
@@ -590,8 +590,7 @@ size_t Pool::mapped_device_bytes() const {
 
 size_t Pool::borrowed_bytes() const {
   std::lock_guard<std::mutex> lock(mu_);
-  const Tier& h = tier(Location::Host);
-  return (h.live - h.buffers) * chunk_bytes_;
+  return tier(Location::Host).borrowed() * chunk_bytes_;
 }
 
 size_t Pool::host_buffer_bytes() const {

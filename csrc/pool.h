@@ -153,6 +153,7 @@ class Pool : public std::enable_shared_from_this<Pool> {
     size_t by_tag[kNumTags] = {};
     size_t buffers = 0;            // of live: host buffers' chunks, not borrowed ones
     size_t physical() const { return live + cached.size(); }
+    size_t borrowed() const { return live - buffers; }
   };
 
   bool take_locked(size_t n, Location where, Tag tag, std::vector<Chunk>& out);

@@ -99,7 +99,7 @@ class LLM:
                                    mapped_blocks=lambda: self.kv_cache.num_blocks)
         self.kv_cache.on_shrink = self.blocks.forget_unmapped
         self.swap = SwapSpace(self.pool, self.kv_cache)
-        if preemption in ("swap", "borrow") and not self.memory.pool.host_budget_bytes:
+        if preemption in ("swap", "borrow") and not self.pool.host_budget_bytes:
             warnings.warn(f"preemption={preemption!r} but the pool has no host budget: preempted requests will be "
                           "recomputed (pass host_budget_bytes=, or pool.set_host_budget())")
         elif preemption == "borrow" and not self.memory.host_budget():

@@ -1,7 +1,8 @@
 """Swapping, eLLM's CPU tier: a preempted request's K/V go to a host buffer from the pool's host
 budget, and come back into fresh blocks when it is scheduled again, layer by layer, the model waiting
-only for the layer it is about to use, so that the copies overlap its compute. Unlike borrowing (host chunks mapped at the KV cache's own
-address, read in place), this needs no host-mapped memory and the model never reads host memory."""
+only for the layer it is about to use, so that the copies overlap its compute. Unlike borrowing (host
+chunks mapped at the KV cache's own address, read in place), this needs no host-mapped memory and the
+model never reads host memory."""
 import threading
 import time
 
@@ -19,6 +20,18 @@ def _runs(blocks):
         else:
             runs.append([i, block, 1])
     return runs
+
+
+def _run_plainly(what, fn):
+    """fn(); a failure is raised as a new RuntimeError from outside the except block: the original's
+    traceback frames would keep views of host buffers and of the cache alive (a release would refuse)."""
+    error = None
+    try:
+        fn()
+    except Exception as e:
+        error = RuntimeError(f"{what} failed: {e!r}")
+    if error is not None:
+        raise error
 
 
 class _Swapped:
@@ -70,14 +83,11 @@ class SwapSpace:
             return False
         swapped = _Swapped(buf, buf.as_tensor((len(self.kv.layers), len(blocks), *self.kv.block_shape),
                                               self.kv.dtype), seq.num_computed)
-        error = None
         try:
-            self._copy_out(swapped.host, blocks)
-        except Exception as e:  # raised below, without frames that hold views of the buffer and the cache
-            error = RuntimeError(f"copying K/V out to host memory failed: {e!r}")
-        if error is not None:
+            _run_plainly("copying K/V out to host memory", lambda: self._copy_out(swapped.host, blocks))
+        except RuntimeError:
             swapped.release()
-            raise error
+            raise
         self._held[seq] = swapped
         return True
 
@@ -151,15 +161,8 @@ class LayerCopies:
             self._worker.start()
 
     def _copy(self, layer):
-        """Issue layer's copies. A failure is raised as a new RuntimeError from outside the except block:
-        the original traceback's frames would keep views of the host buffers and the cache alive."""
-        error = None
-        try:
-            self._copy_layer(layer)
-        except Exception as e:
-            error = RuntimeError(f"copying swapped K/V back failed: {e!r}")
-        if error is not None:
-            raise error
+        """Issue layer's copies (a failure: a RuntimeError holding no views)."""
+        _run_plainly("copying swapped K/V back", lambda: self._copy_layer(layer))
 
     def _copy_layer(self, layer):
         cache = self.caches[layer]
