@@ -1,7 +1,8 @@
 """Benchmark of the paged-KV engine: static/FCFS vs elastic/FCFS vs elastic/SLO-aware at one budget,
 with Hugging Face batched generate as the reference; prefix caching off vs on for requests that share
-a system prompt; preemption by recompute, swap (copies overlapped or not) and borrowing for long
-prompts whose decoding outgrows the KV room. Writes JSON and a plot under bench/results/.
+a system prompt; preemption by recompute, swap (copies overlapped or not), borrowing and auto (swap or
+recompute by measured cost) for long prompts whose decoding outgrows the KV room. Writes JSON and a
+plot under bench/results/.
 
     python bench/engine.py --quick          # CPU-sized, a few minutes
     python bench/engine.py --device cuda    # larger random-weight model on a GPU
@@ -152,7 +153,7 @@ def shared_prefix(model, config, profile, vocab, n, seed):
 
 PREEMPTIONS = {"recompute": dict(preemption="recompute"), "swap": dict(preemption="swap"),
                "swap, copies not overlapped": dict(preemption="swap", swap_overlap=False),
-               "borrow": dict(preemption="borrow")}
+               "borrow": dict(preemption="borrow"), "auto": dict(preemption="auto")}
 
 
 def preemption(model, config, profile, vocab, n, seed):

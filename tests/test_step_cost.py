@@ -25,6 +25,7 @@ def test_fit_recovers_a_linear_cost_and_predicts():
         cost.observe(StepWork(tokens, pairs, 0), truth(tokens, pairs))
     assert cost.ready
     assert cost.predict(100, 5000) == pytest.approx(truth(100, 5000), rel=1e-6)
+    assert cost.extra_seconds(100, 5000) == pytest.approx(truth(100, 5000) - truth(0, 0), rel=1e-6)
     limit = cost.max_prefill(8, 8000, 0, 0.02, 1024)  # the most fresh tokens beside 8 decodes within 20 ms
     assert truth(8 + limit, 8000 + limit * (limit + 1) // 2) <= 0.02 < truth(9 + limit, 8000 + (limit + 1) * (limit + 2) // 2)
     later = cost.max_prefill(8, 8000, 3000, 0.02, 1024)  # the same, 3000 tokens into a prompt
@@ -56,10 +57,16 @@ def decoding(first_token_time, outputs=3, **kwargs):
 
 def fitted_policy():
     """A policy whose model has learned: 1 ms a step plus 50 us a token, attention too cheap to see."""
-    policy = SLOPolicy(host_budget=0, max_batched_tokens=512, max_num_seqs=32, min_prefill_tokens=16)
+    policy = SLOPolicy(StepCost(), host_budget=0, max_batched_tokens=512, max_num_seqs=32, min_prefill_tokens=16)
     for tokens in (1, 4, 16, 64, 128, 256, 4, 32):
-        policy.observe(0.001 + 5e-5 * tokens, StepWork(tokens, 0, 0), [], [], now=1.0)
+        observe(policy, 0.001 + 5e-5 * tokens, StepWork(tokens, 0, 0), [], [], now=1.0)
     return policy
+
+
+def observe(policy, seconds, work, decoding, waiting, now):
+    """What the engine does after a step: feed the cost model it shares with the policy, then the policy."""
+    policy.cost.observe(work, seconds)
+    policy.observe(seconds, work, decoding, waiting, now)
 
 
 def test_prefill_fills_the_step_up_to_the_tightest_tpot_target():
@@ -73,7 +80,7 @@ def test_prefill_fills_the_step_up_to_the_tightest_tpot_target():
 
 
 def test_prefill_budget_falls_back_without_model_or_decodes_at_stake():
-    policy = SLOPolicy(host_budget=0, max_batched_tokens=512, max_num_seqs=32, min_prefill_tokens=16)
+    policy = SLOPolicy(StepCost(), host_budget=0, max_batched_tokens=512, max_num_seqs=32, min_prefill_tokens=16)
     policy.prefill_budget = 256
     running, queue = [decoding(first_token_time=1.0)], [request(5000, arrival=1.0)]
     assert policy.prefill_tokens(512, running, queue, now=1.0) == 256  # not fitted yet
@@ -87,9 +94,9 @@ def test_slow_steps_with_prefill_are_tpot_breaches_only_if_their_decodes_alone_a
     policy = fitted_policy()  # 12 decodes alone: 1 ms + 12 * 50 us
     relaxed = [decoding(first_token_time=1.0, tpot_slo=0.01) for _ in range(12)]
     for _ in range(5):
-        policy.observe(0.02, StepWork(300, 0, 12), relaxed, [], now=1.0)  # slow from the prefill it chose
+        observe(policy, 0.02, StepWork(300, 0, 12), relaxed, [], now=1.0)  # slow from the prefill it chose
     assert policy.batch_cap == 32 and policy.host_buffer == 0
     tight = [decoding(first_token_time=1.0, tpot_slo=0.001) for _ in range(12)]
     for _ in range(3):
-        policy.observe(0.02, StepWork(300, 0, 12), tight, [], now=1.0)  # the batch alone misses 1 ms
+        observe(policy, 0.02, StepWork(300, 0, 12), tight, [], now=1.0)  # the batch alone misses 1 ms
     assert policy.batch_cap == 6

@@ -11,6 +11,7 @@ from torch_ellm import Pool
 from torch_ellm.integrations.engine.kv_cache import KVCache
 from torch_ellm.integrations.engine.sampling_params import SamplingParams
 from torch_ellm.integrations.engine.sequence import Sequence
+from torch_ellm.integrations.engine.step_cost import StepCost, StepWork
 from torch_ellm.integrations.engine.swap import LayerCopies, SwapSpace, _runs
 
 PARAMS = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -67,8 +68,9 @@ def test_kv_round_trips_through_host_into_other_blocks(overlap):
         copies.wait(layer)
         assert torch.equal(kv.views[layer][seq.block_table], before[layer])
     copies.finish()
-    swap.done([seq])
+    swap.done([seq], copies)
     assert not swap.holds(seq) and pool.host_buffer_bytes == 0
+    assert swap._out[0] == swap._in[0] == 3 * 5 * kv.block_bytes  # what pays_off's copy rates are measured on
     assert all(float(view[[2, 3, 4, 6]].abs().sum()) == 0 for view in kv.views)  # nothing else written
     kv.release()
 
@@ -94,6 +96,48 @@ def test_swap_out_respects_the_allowance_and_the_host_budget():
     swap.release()
     assert pool.host_buffer_bytes == 0 and pool.stats()["num_ooms"] == 0  # refusals are not OOMs
     kv.release()
+
+
+def fitted_cost(per_token, per_pair, observed=5):
+    """A step cost model that has learned (from 5 steps: ready) 1 ms a step, plus per_token and per_pair seconds."""
+    cost = StepCost(min_steps=5)
+    for tokens, pairs in [(1, 10), (64, 2000), (256, 40000), (32, 100), (128, 9000)][:observed]:
+        cost.observe(StepWork(tokens, pairs, 0), 0.001 + per_token * tokens + per_pair * pairs)
+    return cost
+
+
+def test_auto_swaps_where_the_copies_cost_less_than_prefilling_again():
+    pool = Pool("host", budget_bytes=4 * MB, host_budget_bytes=1 * MB, chunk_bytes=16 << 10)
+    kv = KVCache(pool, num_layers=3, num_kv_heads=2, head_dim=8, block_size=4, max_blocks=64, dtype=torch.float32)
+    swap = SwapSpace(pool, kv, fitted_cost(per_token=1e-4, per_pair=1e-6))
+    short, long = Sequence(0, [1] * 9, SamplingParams()), Sequence(1, [1] * 201, SamplingParams())
+    short.block_table, short.num_computed = [0, 1], 8  # 2 blocks of 3 x 512 B
+    long.block_table, long.num_computed = list(range(2, 52)), 200  # 50 blocks
+    assert swap.pays_off(short) and swap.pays_off(long)  # no copy measured yet: swap, and learn the rate
+    swap._out, swap._in = [1 << 20, 0.2], [1 << 20, 0.2]  # about 2e-7 s a byte each way
+    # short: 3 KiB of copies (1.2 ms) against 8 tokens prefilled again (0.8 + 0.04 ms): recompute
+    # long: 75 KiB (31 ms) against 200 tokens and 20,100 attention pairs (20 + 20 ms): swap
+    assert not swap.pays_off(short) and swap.pays_off(long)
+    unready = SwapSpace(pool, kv, fitted_cost(1e-4, 1e-6, observed=3))
+    unready._out, unready._in = swap._out, swap._in
+    assert unready.pays_off(short)  # the cost model has not seen enough steps: swap
+    swap._in = [1 << 20, 0.0]  # copies back measured free (overlapped behind the model)
+    assert swap.pays_off(short)
+
+
+@pytest.mark.parametrize("copies_cost, swaps", [(1e6, False), (0.0, True)])
+def test_auto_preemption_follows_the_measured_costs(tiny_model, unpreempted, copies_cost, swaps):
+    """Copies measured far slower than prefill: every preemption recomputes; measured free: they swap.
+    Outputs are the same either way."""
+    llm = swap_engine(tiny_model, budget=160 << 10, host_budget=2 * MB, preemption="auto")
+    for tokens, pairs in [(1, 10), (64, 2000), (256, 40000), (32, 100), (128, 9000), (8, 40), (16, 200), (4, 4)]:
+        llm.cost.observe(StepWork(tokens, pairs, 0), 0.001 + 1e-5 * tokens + 1e-8 * pairs)
+    llm.swap._out, llm.swap._in = [1, copies_cost], [1, copies_cost]
+    outs = llm.generate(prompts(30), PARAMS, use_tqdm=False)
+    assert [o.token_ids for o in outs] == unpreempted
+    summary = llm.metrics.summary()
+    assert summary["preemptions"] > 0 and (summary["swap_ins"] > 0) == swaps
+    assert_pool_empty(llm)
 
 
 def test_a_failed_copy_is_raised_in_the_model_thread():

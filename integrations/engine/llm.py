@@ -17,7 +17,7 @@ from .policy import FCFSPolicy, SLOPolicy
 from .sampling_params import SamplingParams, sample
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
-from .step_cost import step_work
+from .step_cost import StepCost, step_work
 from .swap import SwapSpace
 
 
@@ -41,7 +41,9 @@ class LLM:
     activation peak and fixes the KV pool; "elastic" lets both share the budget step by step. policy
     "fcfs" or "slo"; preemption "recompute", "swap" (a preempted request's K/V wait in a host buffer
     and are copied back, overlapped layer by layer with the step that resumes it) or "borrow" (a step
-    may run with KV chunks borrowed to host memory, read in place). activation_profile:
+    may run with KV chunks borrowed to host memory, read in place) or "auto" (swap or recompute, whichever
+    is predicted cheaper for the request: copy rates measured on earlier swaps against the prefill
+    time a cost model fitted to the recent steps gives its tokens). activation_profile:
     another engine's .profile for the same model, max_model_len and max_num_batched_tokens, to skip
     the start-up measurement. enable_prefix_caching: a request whose prompt starts with full blocks
     that an earlier request computed reuses their K/V (prefill runs only the rest); a block outlives
@@ -63,8 +65,8 @@ class LLM:
             model = AutoModelForCausalLM.from_pretrained(model)
         if policy not in ("fcfs", "slo"):
             raise ValueError(f"policy must be 'fcfs' or 'slo', got {policy!r}")
-        if preemption not in ("recompute", "swap", "borrow"):  # before any memory is taken
-            raise ValueError(f"preemption must be 'recompute', 'swap' or 'borrow', got {preemption!r}")
+        if preemption not in ("recompute", "swap", "borrow", "auto"):  # before any memory is taken
+            raise ValueError(f"preemption must be 'recompute', 'swap', 'borrow' or 'auto', got {preemption!r}")
         self.tokenizer = tokenizer
         self.max_model_len = min(max_model_len or 2048, model.config.max_position_embeddings)
         runner = ModelRunner(model, self.max_model_len)
@@ -98,15 +100,16 @@ class LLM:
         self.blocks = BlockManager(block_size, max_blocks, enable_prefix_caching,
                                    mapped_blocks=lambda: self.kv_cache.num_blocks)
         self.kv_cache.on_shrink = self.blocks.forget_unmapped
-        self.swap = SwapSpace(self.pool, self.kv_cache)
-        if preemption in ("swap", "borrow") and not self.pool.host_budget_bytes:
+        self.cost = StepCost()  # seconds per step from its work, fitted as the engine runs
+        self.swap = SwapSpace(self.pool, self.kv_cache, self.cost)
+        if preemption in ("swap", "borrow", "auto") and not self.pool.host_budget_bytes:
             warnings.warn(f"preemption={preemption!r} but the pool has no host budget: preempted requests will be "
                           "recomputed (pass host_budget_bytes=, or pool.set_host_budget())")
         elif preemption == "borrow" and not self.memory.host_budget():
             warnings.warn("preemption='borrow' needs host-mapped chunks, which this pool's host tier (parked) lacks: "
                           "preempted requests will be recomputed; preemption='swap' works on either tier")
-        chosen = FCFSPolicy() if policy == "fcfs" else SLOPolicy(self.pool.host_budget_bytes, max_num_batched_tokens,
-                                                                  max_num_seqs, block_size)
+        chosen = FCFSPolicy() if policy == "fcfs" else SLOPolicy(self.cost, self.pool.host_budget_bytes,
+                                                                  max_num_batched_tokens, max_num_seqs, block_size)
         self.scheduler = Scheduler(self.blocks, self.memory, chosen, max_num_seqs, max_num_batched_tokens,
                                    chunked_prefill, preemption, self.swap)
         self.metrics = RunMetrics()
@@ -204,7 +207,7 @@ class LLM:
             self.scheduler.undo_swap_ins()  # their K/V are still in host memory: they wait again
             raise
         copies.finish()
-        self.swap.done(seq for seq, _ in self.scheduler.swapped_in)
+        self.swap.done([seq for seq, _ in self.scheduler.swapped_in], copies)
         outputs, decode_tokens = [], 0
         now = time.perf_counter()
         for (seq, n), row in zip(chunks, logits):
@@ -218,6 +221,7 @@ class LLM:
         model_end = time.perf_counter()
         self.memory.end_step(self.blocks.high_water, idle=not self._requests)
         decoding = [seq for seq, n in chunks if n == 1 and seq.status is Status.RUNNING]
+        self.cost.observe(work, model_end - start)
         self.scheduler.policy.observe(model_end - start, work, decoding, self.scheduler.waiting, model_end)
         end = time.perf_counter()
         self.metrics.record_step(

@@ -2,8 +2,6 @@
 how many may run, how much KV may be borrowed) and what it tells after (observe)."""
 from collections import deque
 
-from .step_cost import StepCost
-
 
 class FCFSPolicy:
     """First come, first served; all the host budget may be borrowed."""
@@ -53,15 +51,16 @@ class SLOPolicy:
     Preempted requests that had their first token go first; then waiting requests earliest TTFT deadline
     first; those already past it go last, as they can no longer count towards goodput."""
 
-    def __init__(self, host_budget, max_batched_tokens, max_num_seqs, min_prefill_tokens, window=5, breaches=3,
+    def __init__(self, cost, host_budget, max_batched_tokens, max_num_seqs, min_prefill_tokens, window=5, breaches=3,
                  slack=0.8):
+        """cost: the engine's StepCost, fed every step by the engine."""
         self.host_buffer = self.max_host_buffer = host_budget
         self.prefill_budget = self.max_prefill = max_batched_tokens
         self.min_prefill = min_prefill_tokens
         self.batch_cap = self.max_batch = max_num_seqs
         self.window, self.breaches, self.slack = window, breaches, slack
         self.tpot_history, self.ttft_history = deque(maxlen=window), deque(maxlen=window)
-        self.cost = StepCost()
+        self.cost = cost
 
     def order(self, waiting, running, now):
         """Preempted requests that already had their first token go first (their TTFT is settled; their
@@ -99,7 +98,6 @@ class SLOPolicy:
         """step_seconds: how long the step took; work: its step_work(); decoding: the requests it decoded;
         waiting: those queued. A slow step with prefill in it counts as a TPOT breach only if its decodes
         alone are predicted over the target: the prefill was sized knowing its cost, the batch was not."""
-        self.cost.observe(work, step_seconds)
         targets = [s.tpot_slo for s in decoding if s.tpot_slo is not None]
         decodes_alone = step_seconds
         if targets and work.tokens > work.decodes and self.cost.ready:

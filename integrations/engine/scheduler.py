@@ -2,8 +2,9 @@
 needs before it runs; when they do not fit, the latest running request is preempted, by recompute
 (its blocks are freed and it is prefilled again later), by swapping (preemption="swap": its K/V are
 copied to host memory within the policy's allowance, its blocks freed, and the K/V copied back when it
-runs again; recompute where there is no room), or, with preemption="borrow", first by letting the KV
-cache borrow host memory within the policy's allowance."""
+runs again; recompute where there is no room), by whichever of the two is predicted cheaper for the
+request (preemption="auto"), or, with preemption="borrow", first by letting the KV cache borrow host
+memory within the policy's allowance."""
 import time
 from collections import deque
 
@@ -56,7 +57,8 @@ class Scheduler:
         return False
 
     def _preempt(self, seq):
-        swapped = self.preemption == "swap" and self.swap.swap_out(
+        swap = self.preemption == "swap" or (self.preemption == "auto" and self.swap.pays_off(seq))
+        swapped = swap and self.swap.swap_out(
             seq, self.policy.host_allowance(self.memory.pool.host_budget_bytes))
         self.running.remove(seq)
         self.blocks.free(seq)

@@ -58,6 +58,10 @@ class StepCost:
         c = self._coef
         return float(c[0] + c[1] * tokens + c[2] * pairs)
 
+    def extra_seconds(self, tokens, pairs):
+        """What adding this work to a step is predicted to cost, without the step's fixed part."""
+        return self.predict(tokens, pairs) - self.predict(0, 0)
+
     def max_prefill(self, decode_tokens, decode_pairs, context, seconds, limit):
         """The most prefill tokens (0..limit) a step with these decodes may add and still be predicted to
         take at most `seconds`, priced as one chunk after `context` computed tokens (n*context +

@@ -9,6 +9,7 @@ import time
 import torch
 
 from torch_ellm.errors import OutOfMemoryError
+from .step_cost import StepCost
 
 
 def _runs(blocks):
@@ -49,11 +50,15 @@ class _Swapped:
 class SwapSpace:
     """The swapped-out requests' K/V in host buffers, one per request: [layer, block, K|V, slot, head, dim].
 
-    overlap=False copies every layer back before the step runs instead (for comparison)."""
+    overlap=False copies every layer back before the step runs instead (for comparison). cost: the
+    engine's StepCost, which prices recomputing instead (pays_off)."""
 
-    def __init__(self, pool, kv_cache, overlap=True):
+    def __init__(self, pool, kv_cache, cost=None, overlap=True):
         self.pool, self.kv, self.overlap = pool, kv_cache, overlap
+        self.cost = cost or StepCost()
         self._held = {}  # seq -> _Swapped
+        # Measured so far, out and back: [bytes copied, seconds they cost the engine].
+        self._out, self._in = [0, 0.0], [0, 0.0]
 
     @property
     def nbytes(self):
@@ -66,12 +71,27 @@ class SwapSpace:
         """Tokens of seq whose K/V are held here."""
         return self._held[seq].num_computed
 
+    def _blocks(self, seq):
+        """The blocks holding seq's computed K/V."""
+        return seq.block_table[:-(-seq.num_computed // self.kv.block_shape[1])]
+
+    def pays_off(self, seq):
+        """Whether swapping seq out and back is predicted to cost the engine less than prefilling its
+        computed tokens again: the copies at the rates measured on earlier swaps, the prefill by the step
+        cost model. Until both have been measured: yes (swapping is how the rates get measured)."""
+        if not (self._out[0] and self._in[0] and self.cost.ready):
+            return True
+        nbytes = len(self.kv.layers) * len(self._blocks(seq)) * self.kv.block_bytes
+        copies = nbytes * (self._out[1] / self._out[0] + self._in[1] / self._in[0])
+        n = seq.num_computed
+        return copies < self.cost.extra_seconds(n, n * (n + 1) // 2)
+
     def swap_out(self, seq, allowance):
         """Copy the blocks holding seq's computed K/V to host memory, if that stays within `allowance`
         bytes of swap space and the pool's host budget. True if done (seq's blocks may then be freed);
         False, with nothing changed, if there is no room. The allowance is checked against the size
         asked: a cached buffer the pool hands out may be up to half as large again (the budget holds)."""
-        blocks = seq.block_table[:-(-seq.num_computed // self.kv.block_shape[1])]
+        blocks = self._blocks(seq)
         chunk = self.pool.chunk_bytes
         nbytes = -(-len(self.kv.layers) * len(blocks) * self.kv.block_bytes // chunk) * chunk  # as the pool rounds
         host_room = self.pool.host_budget_bytes - self.pool.borrowed_bytes - self.pool.host_buffer_bytes
@@ -83,11 +103,14 @@ class SwapSpace:
             return False
         swapped = _Swapped(buf, buf.as_tensor((len(self.kv.layers), len(blocks), *self.kv.block_shape),
                                               self.kv.dtype), seq.num_computed)
+        started = time.perf_counter()
         try:
             _run_plainly("copying K/V out to host memory", lambda: self._copy_out(swapped.host, blocks))
         except RuntimeError:
             swapped.release()
             raise
+        self._out[0] += swapped.host.nbytes
+        self._out[1] += time.perf_counter() - started
         self._held[seq] = swapped
         return True
 
@@ -107,8 +130,10 @@ class SwapSpace:
         jobs = [(self._held[seq], seq.block_table, first) for seq, first in admitted]
         return LayerCopies(self.kv, jobs, self.overlap)
 
-    def done(self, seqs):
-        """Their K/V are back in the cache: give the host buffers back."""
+    def done(self, seqs, copies):
+        """seqs' K/V are back in the cache by `copies` (finished): give the host buffers back."""
+        self._in[0] += copies.nbytes
+        self._in[1] += copies.seconds
         for seq in seqs:
             self.discard(seq)
 
@@ -132,6 +157,9 @@ class LayerCopies:
         self.kv, self.jobs, self.overlap = kv_cache, jobs, overlap
         self.caches = []  # the cache's views, taken at start(): a resize before it makes new ones
         self.waited = 0.0  # seconds the host waited for copies (all of their time when not overlapped)
+        self.busy = 0.0  # seconds the CPU worker spent copying
+        self.nbytes = sum(len(kv_cache.layers) * max(0, swapped.host.shape[1] - first) * kv_cache.block_bytes
+                          for swapped, _, first in jobs)
         self.device = kv_cache.pool.device
         self._done = None  # per layer: a CUDA event or a threading.Event, once started with overlap
         self._stream = self._worker = self._error = None
@@ -173,6 +201,7 @@ class LayerCopies:
                     cache[block:block + n].copy_(host[layer, first + i:first + i + n], non_blocking=True)
 
     def _copy_all(self):
+        started = time.perf_counter()
         try:
             for layer, done in enumerate(self._done):
                 self._copy(layer)
@@ -181,6 +210,13 @@ class LayerCopies:
             self._error = e
             for done in self._done:
                 done.set()
+        self.busy = time.perf_counter() - started
+
+    @property
+    def seconds(self):
+        """What the copies cost the engine (after finish()): the waits where they ran beside the model on
+        CUDA's copy engines; on CPU also the worker's time, which takes cores and memory bandwidth from it."""
+        return self.waited if self.device.type == "cuda" else max(self.waited, self.busy)
 
     def wait(self, layer):
         """Block (CPU) or order the model's stream (CUDA) until layer's K/V have landed."""
