@@ -159,8 +159,8 @@ PYBIND11_MODULE(_C, m) {
            },
            release_gil())
       .def("host_buffer",
-           [](std::shared_ptr<Pool> p, size_t nbytes, const std::string& tag) {
-             return std::make_shared<HostBuffer>(p, nbytes, parse_tag(tag));
+           [](std::shared_ptr<Pool> p, size_t nbytes, const std::string& tag, bool optional) {
+             return std::make_shared<HostBuffer>(p, nbytes, parse_tag(tag), optional);
            },
            release_gil())
       .def("trim", &Pool::trim, release_gil())

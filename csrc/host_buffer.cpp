@@ -14,9 +14,9 @@ size_t whole_chunks(size_t nbytes, size_t chunk) {
 }
 }  // namespace
 
-HostBuffer::HostBuffer(std::shared_ptr<Pool> pool, size_t nbytes, Tag tag)
+HostBuffer::HostBuffer(std::shared_ptr<Pool> pool, size_t nbytes, Tag tag, bool optional)
     : pool_(std::move(pool)), nbytes_(whole_chunks(nbytes, pool_->chunk_bytes())), tag_(tag) {
-  addr_ = pool_->alloc_host_buffer(nbytes_, tag_);  // may round nbytes_ up to a cached buffer
+  addr_ = pool_->alloc_host_buffer(nbytes_, tag_, optional);  // may round nbytes_ up to a cached buffer
 }
 
 HostBuffer::~HostBuffer() {

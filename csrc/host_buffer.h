@@ -14,8 +14,8 @@ namespace ellm {
 class HostBuffer {
  public:
   // nbytes is rounded up to whole chunks (or a cached buffer's size, up to 1.5x).
-  // OutOfMemory past the host budget.
-  HostBuffer(std::shared_ptr<Pool> pool, size_t nbytes, Tag tag);
+  // OutOfMemory past the host budget (not counted as one if optional).
+  HostBuffer(std::shared_ptr<Pool> pool, size_t nbytes, Tag tag, bool optional = false);
   ~HostBuffer();
 
   // Give the memory back to the pool; InvalidArgument while a view is live.

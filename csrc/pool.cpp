@@ -184,7 +184,7 @@ void Pool::count_host_buffer_locked(size_t n, Tag tag, bool add) {
   }
 }
 
-uintptr_t Pool::alloc_host_buffer(size_t& bytes, Tag tag) {
+uintptr_t Pool::alloc_host_buffer(size_t& bytes, Tag tag, bool optional) {
   size_t n = bytes / chunk_bytes_;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -201,7 +201,7 @@ uintptr_t Pool::alloc_host_buffer(size_t& bytes, Tag tag) {
       return addr;
     }
     if (tier(Location::Host).live + n > limit_locked(Location::Host, tag))
-      throw oom_locked(n, Location::Host, tag, now(), true);
+      throw oom_locked(n, Location::Host, tag, now(), !optional);
     count_host_buffer_locked(n, tag, true);
     release_excess_locked();  // the caches may now hold host memory past the budget
   }

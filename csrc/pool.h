@@ -120,10 +120,11 @@ class Pool : public std::enable_shared_from_this<Pool> {
 
   // Page-locked host memory of `bytes` (a multiple of the chunk size) for a
   // HostBuffer, counted in the host tier under tag beside borrowed chunks.
-  // OutOfMemory past the host budget. A freed buffer is cached for reuse while
-  // the budget has room; a cached one up to 1.5x `bytes` may be handed out, and
-  // `bytes` is then set to its size.
-  uintptr_t alloc_host_buffer(size_t& bytes, Tag tag);
+  // OutOfMemory past the host budget; optional: the caller does without it
+  // (swap falls back to recompute), so that refusal is not counted as an OOM.
+  // A freed buffer is cached for reuse while the budget has room; a cached one
+  // up to 1.5x `bytes` may be handed out, and `bytes` is then set to its size.
+  uintptr_t alloc_host_buffer(size_t& bytes, Tag tag, bool optional = false);
   void free_host_buffer(uintptr_t addr, size_t bytes, Tag tag);
 
   // Bring borrowed chunks back to the device while there is room.

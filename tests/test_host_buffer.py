@@ -60,7 +60,11 @@ def test_buffers_and_borrowing_share_the_host_budget(host_tier):
     pool = make_pool(budget_chunks=4, host_budget_chunks=4, host_tier=host_tier)
     buf = pool.host_buffer(3 * C)
     with pytest.raises(torch_ellm.OutOfMemoryError, match="in host buffers"):
+        pool.host_buffer(2 * C, optional=True)
+    assert pool.stats()["num_ooms"] == 0  # the caller said it can do without: not an OOM
+    with pytest.raises(torch_ellm.OutOfMemoryError, match="in host buffers"):
         pool.host_buffer(2 * C)
+    assert pool.stats()["num_ooms"] == 1
     old = Mirror(pool, 4 * C, tag="kv")
     old.resize(4 * C, torch.Generator().manual_seed(0))
     assert old.vt.offload(0, C) == C  # one chunk of host budget left

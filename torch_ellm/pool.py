@@ -138,13 +138,14 @@ class Pool:
         """Reserve max_bytes of address space; nothing is mapped until resize()."""
         return VirtualTensor(self, self._pool.virtual_tensor(parse_bytes(max_bytes, "max_bytes"), _check_tag(tag)))
 
-    def host_buffer(self, nbytes, tag="kv"):
+    def host_buffer(self, nbytes, tag="kv", optional=False):
         """Page-locked host memory of nbytes (rounded up to whole chunks) from the host budget, beside
         borrowed chunks: OutOfMemoryError past it. For bytes the owner copies out of device memory and
         back itself (swapped KV); see HostBuffer. Released buffers stay cached for reuse (page-locking
         is slow) while the host budget has room; a cached one up to 1.5x nbytes may be handed out, so
-        check .nbytes. trim() frees the cache."""
-        return HostBuffer(self._pool.host_buffer(parse_bytes(nbytes, "nbytes"), _check_tag(tag)))
+        check .nbytes. trim() frees the cache. optional=True: the caller can do without (swapping falls
+        back to recompute), so a refusal past the budget is not counted in num_ooms."""
+        return HostBuffer(self._pool.host_buffer(parse_bytes(nbytes, "nbytes"), _check_tag(tag), bool(optional)))
 
     def stats(self):
         """Counters as a flat dict of ints, plus bytes_by_tag: {tag: {device_bytes, host_bytes}}."""

@@ -1,5 +1,6 @@
 """What a step costs: its seconds predicted from the work it runs, fitted online over recent steps. The
-SLO policy asks it how many prefill tokens fit beside a step's decodes within a TPOT target."""
+SLO policy asks it how many prefill tokens fit beside a step's decodes within a TPOT target, and
+preemption="auto" what prefilling a preempted request's tokens again would cost."""
 from collections import deque
 from typing import NamedTuple
 

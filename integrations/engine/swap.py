@@ -94,12 +94,11 @@ class SwapSpace:
         blocks = self._blocks(seq)
         chunk = self.pool.chunk_bytes
         nbytes = -(-len(self.kv.layers) * len(blocks) * self.kv.block_bytes // chunk) * chunk  # as the pool rounds
-        host_room = self.pool.host_budget_bytes - self.pool.borrowed_bytes - self.pool.host_buffer_bytes
-        if not blocks or self.nbytes + nbytes > allowance or nbytes > host_room:
+        if not blocks or self.nbytes + nbytes > allowance:
             return False
         try:
-            buf = self.pool.host_buffer(nbytes, tag="kv")
-        except OutOfMemoryError:  # another user of the pool took the room meanwhile
+            buf = self.pool.host_buffer(nbytes, tag="kv", optional=True)
+        except OutOfMemoryError:  # past the host budget
             return False
         swapped = _Swapped(buf, buf.as_tensor((len(self.kv.layers), len(blocks), *self.kv.block_shape),
                                               self.kv.dtype), seq.num_computed)
