@@ -9,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from torch_ellm import Pool
 from torch_ellm.integrations.engine.llm import LLM
 from torch_ellm.integrations.engine.sampling_params import SamplingParams
+from torch_ellm.integrations.engine.metrics import RunMetrics
 from torch_ellm.integrations.engine.policy import SLOPolicy
 from torch_ellm.integrations.engine.step_cost import StepCost, StepWork
 
@@ -296,3 +297,16 @@ def test_kv_tail_shrinks_for_a_prefill_between_steps(tiny_model):
     while llm.has_unfinished_requests():
         llm.step()
     assert_pool_empty(llm)
+
+
+def test_summary_counts_decode_throughput_and_the_prefill_riding_along():
+    metrics = RunMetrics()
+    row = dict(kv_bytes=0, activation_bytes=0, device_bytes=0, borrowed_bytes=0, swapped_bytes=0, swap_ins=0,
+               swap_wait_seconds=0.0, overhead_seconds=0.0)
+    # a prefill alone (1 s), a prefill chunk with 4 decodes (3 s), then 4 decodes alone (1 s)
+    for start, seconds, tokens, decodes in ((0, 1, 100, 0), (1, 3, 104, 4), (4, 1, 4, 4)):
+        metrics.record_step(start=start, end=start + seconds, model_seconds=seconds, batch=decodes + (tokens > decodes),
+                            decode_batch=decodes, tokens=tokens, decode_tokens=decodes, **row)
+    summary = metrics.summary()
+    assert summary["decode_tokens_per_s"] == 8 / 4
+    assert summary["decode_time_with_prefill_pct"] == 75.0

@@ -32,7 +32,11 @@ class RunMetrics:
         model = sum(s["model_seconds"] for s in steps)
         overhead = sum(s["overhead_seconds"] for s in steps)
         decode_tokens = sum(s["decode_tokens"] for s in steps)
-        decode_seconds = sum(s["model_seconds"] + s["overhead_seconds"] for s in steps if s["decode_tokens"])
+        decode_steps = [s for s in steps if s["decode_tokens"]]
+        decode_seconds = sum(s["model_seconds"] + s["overhead_seconds"] for s in decode_steps)
+        # Decode tokens/s is bound by prefill that rides along: how much of those steps' time had some.
+        mixed_seconds = sum(s["model_seconds"] + s["overhead_seconds"] for s in decode_steps
+                            if s["tokens"] > s["decode_batch"])
         batch = np.array([s["batch"] for s in steps])
         decode_batch = np.array([s["decode_batch"] for s in steps])
         ttft = np.array([r["ttft"] for r in reqs] or [np.nan])
@@ -41,6 +45,7 @@ class RunMetrics:
         return {
             "requests": len(reqs), "steps": len(steps), "wall_seconds": wall,
             "decode_tokens_per_s": decode_tokens / decode_seconds if decode_seconds else 0.0,
+            "decode_time_with_prefill_pct": 100 * mixed_seconds / decode_seconds if decode_seconds else 0.0,
             "output_tokens_per_s": sum(r["output_tokens"] for r in reqs) / wall if wall else 0.0,
             "max_batch": int(batch.max()), "mean_batch": float(batch.mean()),
             "max_decode_batch": int(decode_batch.max()), "mean_decode_batch": float(decode_batch.mean()),
