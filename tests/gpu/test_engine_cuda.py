@@ -33,12 +33,13 @@ def prompts_and_reference(model):
     return prompts, reference
 
 
-@pytest.mark.parametrize("host_tier", ["auto", "parked"])
-@pytest.mark.parametrize("overlap", [True, False])
-def test_swap_preemption_matches_hf_generate(model, prompts_and_reference, host_tier, overlap):
+@pytest.mark.parametrize("preemption, host_tier, overlap", [
+    ("swap", "auto", True), ("swap", "auto", False), ("swap", "parked", True), ("swap", "parked", False),
+    ("auto", "auto", True)])  # auto: its first preemption swaps, as no copy has been measured yet
+def test_swap_preemption_matches_hf_generate(model, prompts_and_reference, preemption, host_tier, overlap):
     prompts, reference = prompts_and_reference
     pool = torch_ellm.Pool("cuda", device=0, budget_bytes=1 << 30, host_budget_bytes=256 * MiB, host_tier=host_tier)
-    llm = LLM(model, mode="elastic", pool=pool, preemption="swap", max_model_len=512, max_num_batched_tokens=256,
+    llm = LLM(model, mode="elastic", pool=pool, preemption=preemption, max_model_len=512, max_num_batched_tokens=256,
               block_size=16)
     llm.swap.overlap = overlap
     # Room for the activations and two chunks of KV a layer (2,048 tokens): the 16 requests need about
