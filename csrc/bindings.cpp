@@ -162,7 +162,7 @@ PYBIND11_MODULE(_C, m) {
            [](std::shared_ptr<Pool> p, size_t nbytes, const std::string& tag, bool optional) {
              return std::make_shared<HostBuffer>(p, nbytes, parse_tag(tag), optional);
            },
-           release_gil())
+           py::arg("nbytes"), py::arg("tag") = "kv", py::arg("optional") = false, release_gil())
       .def("trim", &Pool::trim, release_gil())
       .def("set_budget", &Pool::set_budget, release_gil())
       .def("set_host_budget", &Pool::set_host_budget, release_gil())

@@ -107,6 +107,16 @@ class BlockManager:
             self._high_water = max(self._refs) + 1 if self._refs else 0
         seq.block_table, seq.block_hashes = [], []
 
+    def shared_tokens(self, seq):
+        """seq's leading computed tokens in blocks that other requests hold too: they stay in the
+        prefix cache when seq lets go of them."""
+        shared = 0
+        for block in seq.block_table:
+            if self._refs.get(block, 0) < 2:
+                break
+            shared += 1
+        return min(shared * self.block_size, seq.num_computed)
+
     def _key(self, seq, i):
         """Block i of seq's tokens as the cache knows it: (digest of the blocks before it, its tokens)."""
         parent = seq.block_hashes[i - 1] if i else b""

@@ -57,7 +57,8 @@ class Scheduler:
         return False
 
     def _preempt(self, seq):
-        swap = self.preemption == "swap" or (self.preemption == "auto" and self.swap.pays_off(seq))
+        swap = self.preemption == "swap" or (self.preemption == "auto" and
+                                             self.swap.worth_swapping(seq, self.blocks.shared_tokens(seq)))
         swapped = swap and self.swap.swap_out(
             seq, self.policy.host_allowance(self.memory.pool.host_budget_bytes))
         self.running.remove(seq)

@@ -9,6 +9,7 @@ import time
 import torch
 
 from torch_ellm.errors import OutOfMemoryError
+from .linear_fit import LinearFit
 from .step_cost import StepCost
 
 
@@ -51,14 +52,20 @@ class SwapSpace:
     """The swapped-out requests' K/V in host buffers, one per request: [layer, block, K|V, slot, head, dim].
 
     overlap=False copies every layer back before the step runs instead (for comparison). cost: the
-    engine's StepCost, which prices recomputing instead (pays_off)."""
+    engine's StepCost, which prices recomputing instead (worth_swapping)."""
+
+    # Every this many preemptions in a row that the costs say to recompute, one swaps anyway: copy
+    # costs are only measured by swapping, and a stale one must not decide forever.
+    EXPLORE = 8
 
     def __init__(self, pool, kv_cache, cost=None, overlap=True):
         self.pool, self.kv, self.overlap = pool, kv_cache, overlap
         self.cost = cost or StepCost()
         self._held = {}  # seq -> _Swapped
-        # Measured so far, out and back: [bytes copied, seconds they cost the engine].
-        self._out, self._in = [0, 0.0], [0, 0.0]
+        # Seconds a swap's copies cost the engine against (1, bytes), out and back, over recent swaps.
+        self.copy_out, self.copy_in = (LinearFit(2, window=16, min_samples=2, refit=1) for _ in range(2))
+        self.out_seconds = 0.0  # spent swapping out, in all (the engine keeps it out of its step cost model)
+        self._recomputed = 0  # preemptions since the last swap that worth_swapping sent to recompute
 
     @property
     def nbytes(self):
@@ -75,16 +82,28 @@ class SwapSpace:
         """The blocks holding seq's computed K/V."""
         return seq.block_table[:-(-seq.num_computed // self.kv.block_shape[1])]
 
-    def pays_off(self, seq):
+    def pays_off(self, seq, shared_tokens=0):
         """Whether swapping seq out and back is predicted to cost the engine less than prefilling its
-        computed tokens again: the copies at the rates measured on earlier swaps, the prefill by the step
-        cost model. Until both have been measured: yes (swapping is how the rates get measured)."""
-        if not (self._out[0] and self._in[0] and self.cost.ready):
+        computed tokens again. shared_tokens: its leading tokens in blocks other requests hold too; they
+        stay in the prefix cache, so recompute skips them and the copy back leaves them out. The copies
+        are priced by what recent swaps cost (a fixed part and a part per byte), the prefill by the step
+        cost model. Until both have been measured: yes (swapping is how the copies get measured)."""
+        if not (self.copy_out.ready and self.copy_in.ready and self.cost.ready):
             return True
-        nbytes = len(self.kv.layers) * len(self._blocks(seq)) * self.kv.block_bytes
-        copies = nbytes * (self._out[1] / self._out[0] + self._in[1] / self._in[0])
-        n = seq.num_computed
-        return copies < self.cost.extra_seconds(n, n * (n + 1) // 2)
+        block_size, layer_bytes = self.kv.block_shape[1], len(self.kv.layers) * self.kv.block_bytes
+        blocks = len(self._blocks(seq))
+        back = max(0, blocks - shared_tokens // block_size)
+        copies = self.copy_out.estimate((1, blocks * layer_bytes)) + self.copy_in.estimate((1, back * layer_bytes))
+        k = min(shared_tokens, seq.num_computed)
+        m = seq.num_computed - k
+        return copies < self.cost.extra_seconds(m, m * k + m * (m + 1) // 2)
+
+    def worth_swapping(self, seq, shared_tokens=0):
+        """pays_off(), except that every EXPLORE-th preemption in a row it refuses swaps anyway."""
+        if self.pays_off(seq, shared_tokens) or self._recomputed + 1 >= self.EXPLORE:
+            return True
+        self._recomputed += 1
+        return False
 
     def swap_out(self, seq, allowance):
         """Copy the blocks holding seq's computed K/V to host memory, if that stays within `allowance`
@@ -96,20 +115,22 @@ class SwapSpace:
         nbytes = -(-len(self.kv.layers) * len(blocks) * self.kv.block_bytes // chunk) * chunk  # as the pool rounds
         if not blocks or self.nbytes + nbytes > allowance:
             return False
+        started = time.perf_counter()  # a new buffer's page-locking is part of what a swap costs
         try:
             buf = self.pool.host_buffer(nbytes, tag="kv", optional=True)
         except OutOfMemoryError:  # past the host budget
             return False
         swapped = _Swapped(buf, buf.as_tensor((len(self.kv.layers), len(blocks), *self.kv.block_shape),
                                               self.kv.dtype), seq.num_computed)
-        started = time.perf_counter()
         try:
             _run_plainly("copying K/V out to host memory", lambda: self._copy_out(swapped.host, blocks))
         except RuntimeError:
             swapped.release()
             raise
-        self._out[0] += swapped.host.nbytes
-        self._out[1] += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self.out_seconds += seconds
+        self.copy_out.add((1, swapped.host.nbytes), seconds)
+        self._recomputed = 0
         self._held[seq] = swapped
         return True
 
@@ -131,8 +152,8 @@ class SwapSpace:
 
     def done(self, seqs, copies):
         """seqs' K/V are back in the cache by `copies` (finished): give the host buffers back."""
-        self._in[0] += copies.nbytes
-        self._in[1] += copies.seconds
+        if copies.nbytes:
+            self.copy_in.add((1, copies.nbytes), copies.seconds)
         for seq in seqs:
             self.discard(seq)
 
@@ -156,7 +177,8 @@ class LayerCopies:
         self.kv, self.jobs, self.overlap = kv_cache, jobs, overlap
         self.caches = []  # the cache's views, taken at start(): a resize before it makes new ones
         self.waited = 0.0  # seconds the host waited for copies (all of their time when not overlapped)
-        self.busy = 0.0  # seconds the CPU worker spent copying
+        self.busy = 0.0  # CPU seconds the CPU worker spent copying
+        self._stalls = []  # CUDA: timing events around each of the model stream's waits
         self.nbytes = sum(len(kv_cache.layers) * max(0, swapped.host.shape[1] - first) * kv_cache.block_bytes
                           for swapped, _, first in jobs)
         self.device = kv_cache.pool.device
@@ -200,7 +222,7 @@ class LayerCopies:
                     cache[block:block + n].copy_(host[layer, first + i:first + i + n], non_blocking=True)
 
     def _copy_all(self):
-        started = time.perf_counter()
+        started = time.thread_time()  # not wall time: waiting for the GIL takes nothing from the model
         try:
             for layer, done in enumerate(self._done):
                 self._copy(layer)
@@ -209,13 +231,23 @@ class LayerCopies:
             self._error = e
             for done in self._done:
                 done.set()
-        self.busy = time.perf_counter() - started
+        self.busy = time.thread_time() - started
+
+    @property
+    def stalled(self):
+        """Seconds the model was held up waiting for the copies (after finish()): the host's waits, and
+        on CUDA the time the model's stream spent blocked on the copies' events."""
+        if not self._stalls:
+            return self.waited
+        self._stalls[-1][1].synchronize()
+        return self.waited + sum(before.elapsed_time(after) for before, after in self._stalls) / 1e3
 
     @property
     def seconds(self):
-        """What the copies cost the engine (after finish()): the waits where they ran beside the model on
-        CUDA's copy engines; on CPU also the worker's time, which takes cores and memory bandwidth from it."""
-        return self.waited if self.device.type == "cuda" else max(self.waited, self.busy)
+        """What the copies cost the engine (after finish()): the stalls where they run beside the model on
+        CUDA's copy engines; on CPU the worker's time if more, as it takes cores and memory bandwidth
+        from the model."""
+        return self.stalled if self.device.type == "cuda" else max(self.stalled, self.busy)
 
     def wait(self, layer):
         """Block (CPU) or order the model's stream (CUDA) until layer's K/V have landed."""
@@ -223,7 +255,12 @@ class LayerCopies:
             return
         started = time.perf_counter()
         if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).wait_event(self._done[layer])
+            stream = torch.cuda.current_stream(self.device)
+            before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            before.record(stream)
+            stream.wait_event(self._done[layer])
+            after.record(stream)
+            self._stalls.append((before, after))
         else:
             self._done[layer].wait()
             if self._error is not None:

@@ -1,0 +1,60 @@
+"""A cost model fitted online: seconds = coefficients . features, by least squares over the last
+`window` observations, every coefficient kept >= 0 (a feature that fits negative is dropped: more
+work never makes a device faster, whatever the noise says)."""
+from collections import deque
+
+import numpy as np
+
+
+class LinearFit:
+    """Ready after `min_samples` observations. The normal equations are kept as running sums, and the
+    solve is redone every `refit` observations: the device does not change faster than that."""
+
+    def __init__(self, num_features, window=64, min_samples=8, refit=8):
+        self.k = num_features
+        self.history = deque()
+        self.window, self.min_samples, self.refit = window, min_samples, refit
+        self._xtx, self._xty = [[0.0] * num_features for _ in range(num_features)], [0.0] * num_features
+        self._coef, self._unfitted = None, 0
+
+    @property
+    def ready(self):
+        return len(self.history) >= self.min_samples
+
+    def add(self, features, seconds):
+        self.history.append((tuple(map(float, features)), seconds))
+        self._accumulate(*self.history[-1], 1.0)
+        if len(self.history) > self.window:
+            self._accumulate(*self.history.popleft(), -1.0)
+        self._unfitted += 1
+
+    def _accumulate(self, x, seconds, sign):
+        # Plain floats: for a few features they are several times faster than numpy calls.
+        for i in range(self.k):
+            self._xty[i] += sign * x[i] * seconds
+            for j in range(self.k):
+                self._xtx[i][j] += sign * x[i] * x[j]
+
+    def estimate(self, features):
+        if self._coef is None or self._unfitted >= self.refit:
+            self._coef, self._unfitted = self._fit(), 0
+        return float(sum(c * x for c, x in zip(self._coef, features)))
+
+    def _fit(self):
+        # Features differ in scale by orders of magnitude: solve in units of each one's largest value.
+        xtx, xty = np.array(self._xtx), np.array(self._xty)
+        scale = np.sqrt(np.maximum(np.diag(xtx), 1e-30))
+        xtx, xty = xtx / np.outer(scale, scale), xty / scale
+        active = list(range(self.k))
+        while active:
+            coef = np.zeros(self.k)
+            a, b = xtx[np.ix_(active, active)], xty[active]
+            try:
+                coef[active] = np.linalg.solve(a, b)
+            except np.linalg.LinAlgError:  # a feature that never varied: the least-norm answer
+                coef[active] = np.linalg.lstsq(a, b, rcond=None)[0]
+            worst = min(active, key=lambda i: coef[i])
+            if coef[worst] >= 0:
+                return coef / scale
+            active.remove(worst)
+        return np.zeros(self.k)
