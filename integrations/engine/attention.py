@@ -60,9 +60,10 @@ def paged_attention(q, cache, layout, scale):
     """q [tokens, heads, head_dim]; cache the layer's KV view [blocks, 2, block_size, kv_heads, head_dim].
     Returns [tokens, heads, head_dim]."""
     out = torch.empty_like(q)
+    # K and V are gathered apart: each gather is then contiguous over its blocks' slots, so the views
+    # below cost nothing (one gather of both would need a second copy to merge blocks and slots).
     for start, n, ctx, table in layout.prefills:
-        kv = cache[table].transpose(0, 1).flatten(1, 2)[:, :ctx]  # [2, ctx, kv_heads, head_dim]
-        k, v = kv[0].transpose(0, 1), kv[1].transpose(0, 1)
+        k, v = (cache[table, i].flatten(0, 1)[:ctx].transpose(0, 1) for i in (0, 1))  # [kv_heads, ctx, head_dim]
         qs = q[start:start + n].transpose(0, 1)
         if n == ctx:
             o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=True)
@@ -72,8 +73,7 @@ def paged_attention(q, cache, layout, scale):
         out[start:start + n] = o.transpose(0, 1)
     for start, tables, mask in layout.decodes:
         batch = tables.shape[0]
-        kv = cache[tables].transpose(1, 2).flatten(2, 3)  # [batch, 2, keys, kv_heads, head_dim]
-        k, v = kv[:, 0].transpose(1, 2), kv[:, 1].transpose(1, 2)
+        k, v = (cache[tables, i].flatten(1, 2).transpose(1, 2) for i in (0, 1))  # [batch, kv_heads, keys, head_dim]
         qs = q[start:start + batch].view(batch, 1, *q.shape[1:]).transpose(1, 2)
         o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         out[start:start + batch] = o.transpose(1, 2).flatten(0, 1)
