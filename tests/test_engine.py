@@ -7,6 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from torch_ellm import Pool
+from torch_ellm.integrations.engine.kv_cache import KVCache
 from torch_ellm.integrations.engine.llm import LLM
 from torch_ellm.integrations.engine.sampling_params import SamplingParams
 from torch_ellm.integrations.engine.metrics import RunMetrics
@@ -310,3 +311,68 @@ def test_summary_counts_decode_throughput_and_the_prefill_riding_along():
     summary = metrics.summary()
     assert summary["decode_tokens_per_s"] == 8 / 4
     assert summary["decode_time_with_prefill_pct"] == 75.0
+
+
+def test_unchunked_recompute_longer_than_a_step_still_runs(tiny_model):
+    """chunked_prefill=False: a request preempted by recompute prefills its prompt and generated tokens
+    again; once they are more than a step may run, that runs in chunks, or it could never run again."""
+    rng = random.Random(0)
+    prompts = [[rng.randrange(128) for _ in range(30)] for _ in range(8)]
+    params = SamplingParams(temperature=0, max_tokens=90, ignore_eos=True)
+    roomy = tiny_engine(tiny_model, chunked_prefill=False, budget_bytes=8 * MB)
+    want = [o.token_ids for o in roomy.generate(prompts, params, use_tqdm=False)]
+    roomy.close()
+    llm = tiny_engine(tiny_model, chunked_prefill=False, budget_bytes=192 << 10)
+    assert [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
+    assert llm.metrics.summary()["preemptions"] > 0
+    assert_pool_empty(llm)
+
+
+def test_unchunked_prompt_longer_than_the_slo_prefill_budget_runs(tiny_model):
+    """With chunked prefill off the SLO policy's prefill budget cannot split a prompt: a step's first
+    prefill may exceed it (else a prompt longer than a shrunken budget would never run); later ones not."""
+    llm = tiny_engine(tiny_model, policy="slo", chunked_prefill=False)
+    llm.scheduler.policy.prefill_budget = 4
+    outs = llm.generate([[7] * 24, [5] * 8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                        use_tqdm=False)
+    assert [len(o.token_ids) for o in outs] == [4, 4]
+    assert llm.metrics.steps[0]["tokens"] == 24  # the second prompt waited for a step of its own
+    assert_pool_empty(llm)
+
+
+def test_a_failed_step_leaves_no_view_that_blocks_an_abort(tiny_model, monkeypatch):
+    """The failed step's traceback would hold views of the KV cache; aborting the last request in the
+    except block makes the engine idle and unmaps its KV, which a live view would refuse."""
+    import torch_ellm.integrations.engine.model_runner as runner
+
+    llm = tiny_engine(tiny_model)
+    request = llm.add_request([1, 2, 3, 4, 5], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    llm.step()
+
+    def failing_attention(q, cache, layout, scale):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(runner, "paged_attention", failing_attention)
+    try:
+        llm.step()
+    except RuntimeError as e:
+        assert "injected" in str(e)
+        llm.abort(request)
+    assert llm.kv_cache.num_blocks == 0 and all(vt.mapped_bytes == 0 for vt in llm.kv_cache.layers)
+    assert_pool_empty(llm)
+
+
+def test_kv_resize_refused_by_a_live_view_changes_nothing():
+    pool = Pool("host", budget_bytes=1 * MB, chunk_bytes=16 << 10)
+    kv = KVCache(pool, num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, max_blocks=64, dtype=torch.float32)
+    kv.resize(40)
+    mapped = [vt.mapped_bytes for vt in kv.layers]
+    view = kv.views[1][:2]  # the second layer to shrink: the first has shrunk when it refuses
+    with pytest.raises(ValueError, match="view"):
+        kv.resize(0)
+    assert kv.num_blocks == 40 and [vt.mapped_bytes for vt in kv.layers] == mapped
+    assert kv.views[0].shape[0] == 40
+    del view
+    kv.resize(0)
+    assert pool.stats()["mapped_device_bytes"] == 0
+    kv.release()

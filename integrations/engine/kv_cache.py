@@ -2,8 +2,6 @@
 Only blocks below the mapped size are backed by memory; resize() inflates or deflates all layers."""
 import torch
 
-from torch_ellm.errors import OutOfMemoryError
-
 
 class KVCache:
     def __init__(self, pool, num_layers, num_kv_heads, head_dim, block_size, max_blocks, dtype):
@@ -26,8 +24,8 @@ class KVCache:
         return len(self.layers) * (self._mapped_bytes(num_blocks) - self._mapped_bytes(self.num_blocks))
 
     def resize(self, num_blocks):
-        """Map exactly enough chunks for num_blocks blocks in every layer. On OutOfMemoryError every
-        layer is put back as it was."""
+        """Map exactly enough chunks for num_blocks blocks in every layer. If that fails (OutOfMemoryError,
+        or a view of the cache still alive refusing a shrink) every layer is put back as it was."""
         if num_blocks == self.num_blocks:
             return
         old = self.num_blocks
@@ -39,7 +37,7 @@ class KVCache:
             for vt in self.layers:
                 vt.resize(num_blocks * self.block_bytes)
                 done.append(vt)
-        except OutOfMemoryError:
+        except BaseException:  # OutOfMemoryError growing, or a live view refusing a shrink
             for vt in done:
                 vt.resize(old * self.block_bytes)
             num_blocks = old

@@ -1,6 +1,7 @@
 """The engine: LLM(model, ...) with generate() for offline batches and add_request/step/abort online."""
 import itertools
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 
@@ -202,9 +203,12 @@ class LLM:
             copies.start()
             logits = self.runner.run(chunks, self.kv_cache, before_layer=copies.wait)
             stats, kv_bytes = self.pool.stats(), self.kv_cache.device_bytes  # memory while the step held it
-        except BaseException:
+        except BaseException as e:
             copies.finish()
             self.scheduler.undo_swap_ins()  # their K/V are still in host memory: they wait again
+            # The traceback's frames hold views of the KV cache, which would keep it from shrinking (an
+            # abort in the caller's except block, say): drop their locals, keep the trace.
+            traceback.clear_frames(e.__traceback__)
             raise
         copies.finish()
         self.swap.done([seq for seq, _ in self.scheduler.swapped_in], copies)

@@ -40,7 +40,7 @@ class Scheduler:
         blocks for all its uncomputed tokens fit too (as vLLM admits a prompt: a prefill started without
         room to finish is preempted halfway and its work lost). Returns the tokens taken, 0 if none fit."""
         while not self._try_take(seq, n, tokens, whole):
-            if not self.chunked_prefill or n <= self.blocks.block_size or is_decode(seq, n):
+            if not self._may_chunk(seq) or n <= self.blocks.block_size or is_decode(seq, n):
                 return 0
             n //= 2
         return n
@@ -67,14 +67,21 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def _may_chunk(self, seq):
+        """Chunked prefill, or a request preempted by recompute whose prompt and generated tokens have
+        grown past what one step may run: in one piece it could never run again."""
+        return self.chunked_prefill or seq.num_uncomputed > self.max_batched_tokens
+
     def _chunk(self, seq, tokens, prefill_tokens):
         """Tokens of seq to run in a step that has `tokens` so far, `prefill_tokens` of them prefill: all
-        it has left, or a chunk if chunked prefill is on (0: none)."""
+        it has left, or a chunk where it may be chunked (0: none)."""
         room = self.max_batched_tokens - tokens
-        if not (seq.num_uncomputed == 1 and seq.num_computed > 0):  # a prefill: the policy limits those
+        # A prefill: the policy limits those, but not a step's first where prefills cannot be chunked
+        # (a prompt longer than the policy's budget would never run).
+        if not (seq.num_uncomputed == 1 and seq.num_computed > 0) and (self.chunked_prefill or prefill_tokens):
             room = min(room, self._prefill_budget - prefill_tokens)
         n = max(0, min(seq.num_uncomputed, room))
-        return n if n == seq.num_uncomputed or self.chunked_prefill else 0
+        return n if n == seq.num_uncomputed or self._may_chunk(seq) else 0
 
     def schedule(self):
         """The step's (sequence, new tokens) pairs, prefills first; [] when nothing can run."""
