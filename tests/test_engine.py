@@ -376,3 +376,20 @@ def test_kv_resize_refused_by_a_live_view_changes_nothing():
     kv.resize(0)
     assert pool.stats()["mapped_device_bytes"] == 0
     kv.release()
+
+
+def test_generate_counts_only_its_own_requests(tiny_model, monkeypatch):
+    llm = tiny_engine(tiny_model)
+    other = llm.add_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    outs = llm.generate([[4, 5, 6, 7]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
+    assert len(outs[0].token_ids) == 5 and not llm.has_unfinished_requests()  # the other one ran too
+
+    def failing_run(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(llm.runner, "run", failing_run)
+    with pytest.raises(RuntimeError, match="injected"):
+        llm.generate([[4, 5, 6]], use_tqdm=False)
+    assert not llm.has_unfinished_requests()  # a failed generate leaves nothing queued
+    assert other not in llm._requests
+    assert_pool_empty(llm)

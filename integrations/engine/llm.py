@@ -269,7 +269,8 @@ class LLM:
     # ---- offline API ----
 
     def generate(self, prompts, sampling_params=None, use_tqdm=True):
-        """Run prompts to completion; outputs in prompt order. sampling_params: one for all or one each."""
+        """Run prompts to completion; outputs in prompt order. sampling_params: one for all or one each.
+        If a step raises, these requests are aborted and the error raised."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
@@ -284,16 +285,23 @@ class LLM:
                 self.abort(request_id)
             raise
         from tqdm.auto import tqdm
-        finals, started = {}, time.perf_counter()
-        with tqdm(total=len(ids), desc="generate", disable=not use_tqdm) as bar:
-            produced = 0
-            while len(finals) < len(ids):
-                for out in self.step():
-                    produced += len(out.new_token_ids)
-                    if out.finished:
-                        finals[out.request_id] = out
-                        bar.update(1)
-                bar.set_postfix(tokens_per_s=f"{produced / (time.perf_counter() - started):.1f}")
+        mine, finals, started = set(ids), {}, time.perf_counter()
+        try:
+            with tqdm(total=len(ids), desc="generate", disable=not use_tqdm) as bar:
+                produced = 0
+                while len(finals) < len(ids):
+                    for out in self.step():  # requests added with add_request() advance too, unreported
+                        if out.request_id not in mine:
+                            continue
+                        produced += len(out.new_token_ids)
+                        if out.finished:
+                            finals[out.request_id] = out
+                            bar.update(1)
+                    bar.set_postfix(tokens_per_s=f"{produced / (time.perf_counter() - started):.1f}")
+        except BaseException:  # no output is returned: leave none of these requests queued
+            for request_id in mine - finals.keys():
+                self.abort(request_id)
+            raise
         return [finals[i] for i in ids]
 
     def close(self):
