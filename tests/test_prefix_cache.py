@@ -215,3 +215,31 @@ def test_cached_block_preference_never_wedges_the_engine(tiny_model, seed):
         llm.step()  # raised "no waiting request fits the budget although none is running" before
     assert len(llm.metrics.requests) == len(prompts) - len(aborted)
     assert_pool_empty(llm)
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_a_cached_prefix_pinning_the_kv_tail_is_left_behind(tiny_model, seed):
+    """Without chunked prefill, a waiting request whose cached prefix blocks sit high in the KV cache
+    could need the cache mapped up to them beside its activations, over the budget, and was refused for
+    ever with nothing running; it now runs without them (in blocks low down) instead."""
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(128) for _ in range(rng.randint(8, 24))] for _ in range(2)]
+    prompts = [((rng.choice(prefixes) if rng.random() < 0.6 else []) + [rng.randrange(128) for _ in range(rng.randint(1, 20))])[:32]
+               for _ in range(30)]
+    params = [SamplingParams(temperature=0, max_tokens=rng.randint(1, 90), ignore_eos=True) for _ in prompts]
+    args = dict(chunk_bytes=16 << 10, block_size=8, max_num_batched_tokens=32, max_num_seqs=64, chunked_prefill=False)
+    roomy = LLM(tiny_model, mode="elastic", budget_bytes=8 * MB, **args)
+    want = [o.token_ids for o in roomy.generate(prompts, params, use_tqdm=False)]
+    roomy.close()
+    llm = LLM(tiny_model, mode="elastic", budget_bytes=192 << 10, **args)
+    got, pending = {}, list(range(len(prompts)))
+    while pending or llm.has_unfinished_requests():
+        if pending and rng.random() < 0.5:
+            i = pending.pop(0)
+            llm.add_request(prompts[i], params[i], request_id=i)
+        for out in llm.step():  # raised "no waiting request fits the budget although none is running" before
+            if out.finished:
+                got[out.request_id] = out.token_ids
+    assert [got[i] for i in range(len(prompts))] == want
+    assert llm.metrics.summary()["cached_tokens"] > 0
+    assert_pool_empty(llm)

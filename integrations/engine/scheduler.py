@@ -114,15 +114,8 @@ class Scheduler:
             if len(self.running) >= max_running:
                 break
             swapped = self.swap.holds(seq)
-            # A swapped request takes cached blocks of its prefix too: shared, not copied back twice.
-            cached = self.blocks.take_cached(seq)
-            if swapped:
-                seq.num_computed = max(self.swap.num_computed(seq), cached)
-            n = self._chunk(seq, tokens, prefill_tokens)
-            n = n and self._take(seq, n, tokens, whole=True)
+            n, cached = self._admit(seq, tokens, prefill_tokens)
             if n == 0:
-                self.blocks.free(seq)  # the cached blocks too: a waiting request holds none
-                seq.num_computed = self.swap.num_computed(seq) if swapped else 0
                 break
             if swapped:
                 self.swapped_in.append((seq, cached // self.blocks.block_size))
@@ -136,6 +129,26 @@ class Scheduler:
             prefill_tokens += n
         chunks.sort(key=lambda c: is_decode(*c))
         return chunks
+
+    def _admit(self, seq, tokens, prefill_tokens):
+        """Blocks for waiting seq's first chunk in a step that has `tokens` so far: (tokens it runs, tokens
+        found in the prefix cache), or (0, 0) with seq as it was if it does not fit. It takes the cached
+        blocks of its prefix (a swapped request too: shared, not copied back twice), unless they sit so
+        high that the KV cache's mapped tail they pin does not fit the step: then it runs without them."""
+        swapped = self.swap.holds(seq)
+        held = self.swap.num_computed(seq) if swapped else 0
+        cached = self.blocks.take_cached(seq)
+        while True:
+            seq.num_computed = max(held, cached)
+            n = self._chunk(seq, tokens, prefill_tokens)
+            n = n and self._take(seq, n, tokens, whole=True)
+            if n:
+                return n, cached
+            self.blocks.free(seq)  # the cached blocks too: a waiting request holds none
+            seq.num_computed = held
+            if not cached:
+                return 0, 0
+            cached = 0
 
     def undo_swap_ins(self):
         """The step failed before this step's swapped-in requests got their K/V back: they return to the
