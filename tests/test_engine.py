@@ -393,3 +393,46 @@ def test_generate_counts_only_its_own_requests(tiny_model, monkeypatch):
     assert not llm.has_unfinished_requests()  # a failed generate leaves nothing queued
     assert other not in llm._requests
     assert_pool_empty(llm)
+
+
+def test_generate_that_fails_after_one_of_its_requests_finished(tiny_model, monkeypatch):
+    """The step that raised had already finished one of generate's requests: the error is the step's,
+    and the others are aborted."""
+    llm = tiny_engine(tiny_model)
+    record_step = llm.metrics.record_step
+
+    def failing_record_step(**row):
+        if 0 not in llm._requests:  # the 1-token request finished in this step
+            raise RuntimeError("injected after the step")
+        record_step(**row)
+
+    monkeypatch.setattr(llm.metrics, "record_step", failing_record_step)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (1, 20)]
+    with pytest.raises(RuntimeError, match="injected after the step"):
+        llm.generate([[1, 2, 3], [4, 5, 6, 7, 8]], params, use_tqdm=False)
+    assert not llm.has_unfinished_requests() and llm.blocks.num_used == 0
+    monkeypatch.setattr(llm.metrics, "record_step", record_step)
+    assert_pool_empty(llm)
+
+
+def test_a_cached_prefix_is_kept_when_only_the_step_lacks_room(tiny_model):
+    """Chunked prefill off: a request preempted by recompute after outgrowing max_num_batched_tokens,
+    whose prefix is still cached, waits for a step with room for the rest of it instead of dropping the
+    cached blocks to run a small chunk (it would prefill all of them again)."""
+    llm = tiny_engine(tiny_model, budget_bytes=8 * MB, chunked_prefill=False, max_num_seqs=64)
+    params = lambda n: SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    request = llm._requests[llm.add_request(list(range(1, 21)), params(80))]
+    while len(request) < 41:
+        llm.step()
+    for i in range(30):
+        llm.add_request([100 + i % 20], params(50))
+    llm.step()
+    llm.step()
+    llm.scheduler._preempt(request)  # by recompute, as when a step does not fit
+    assert len(request) > llm.scheduler.max_batched_tokens
+    chunks = llm.scheduler.schedule()  # 30 decodes leave 2 tokens: not enough for its 3 past the cache
+    assert request not in [seq for seq, _ in chunks] and request.num_computed == 0  # before: a 2-token chunk
+    while llm.has_unfinished_requests():
+        llm.step()
+    assert len(request.output_token_ids) == 80
+    assert_pool_empty(llm)

@@ -38,9 +38,9 @@ class KVCache:
                 vt.resize(num_blocks * self.block_bytes)
                 done.append(vt)
         except BaseException:  # OutOfMemoryError growing, or a live view refusing a shrink
+            num_blocks = old
             for vt in done:
                 vt.resize(old * self.block_bytes)
-            num_blocks = old
             raise
         finally:
             self.num_blocks = num_blocks

@@ -300,7 +300,8 @@ class LLM:
                     bar.set_postfix(tokens_per_s=f"{produced / (time.perf_counter() - started):.1f}")
         except BaseException:  # no output is returned: leave none of these requests queued
             for request_id in mine - finals.keys():
-                self.abort(request_id)
+                if request_id in self._requests:  # not one that finished in the step that raised
+                    self.abort(request_id)
             raise
         return [finals[i] for i in ids]
 

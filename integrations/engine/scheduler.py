@@ -141,12 +141,12 @@ class Scheduler:
         while True:
             seq.num_computed = max(held, cached)
             n = self._chunk(seq, tokens, prefill_tokens)
-            n = n and self._take(seq, n, tokens, whole=True)
-            if n:
-                return n, cached
+            taken = n and self._take(seq, n, tokens, whole=True)
+            if taken:
+                return taken, cached
             self.blocks.free(seq)  # the cached blocks too: a waiting request holds none
             seq.num_computed = held
-            if not cached:
+            if not (n and cached):  # the step has no room for its tokens: not the cached blocks' doing
                 return 0, 0
             cached = 0
 
