@@ -226,8 +226,7 @@ class LLM:
         self.memory.end_step(self.blocks.high_water, idle=not self._requests)
         decoding = [seq for seq, n in chunks if n == 1 and seq.status is Status.RUNNING]
         # Swap copies are priced on their own (SwapSpace): the model of the step's work leaves them out.
-        stalled = copies.stalled
-        self.cost.observe(work, model_end - start - (self.swap.out_seconds - swapped_out) - stalled)
+        self.cost.observe(work, model_end - start - (self.swap.out_seconds - swapped_out) - copies.stalled)
         self.scheduler.policy.observe(model_end - start, work, decoding, self.scheduler.waiting, model_end)
         end = time.perf_counter()
         self.metrics.record_step(
@@ -238,7 +237,7 @@ class LLM:
             activation_bytes=stats["bytes_by_tag"]["activations"]["device_bytes"],
             device_bytes=stats["mapped_device_bytes"], borrowed_bytes=stats["borrowed_bytes"],
             swapped_bytes=stats["host_buffer_bytes"], swap_ins=len(self.scheduler.swapped_in),
-            swap_wait_seconds=stalled)
+            swap_wait_seconds=copies.stalled)
         return outputs
 
     def _after_token(self, seq, now):

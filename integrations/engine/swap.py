@@ -178,6 +178,7 @@ class LayerCopies:
         self.caches = []  # the cache's views, taken at start(): a resize before it makes new ones
         self.waited = 0.0  # seconds the host waited for copies (all of their time when not overlapped)
         self.busy = 0.0  # CPU seconds the CPU worker spent copying
+        self.stalled = 0.0  # after finish(): seconds the model was held up waiting for the copies
         self._stalls = []  # CUDA: timing events around each of the model stream's waits
         self.nbytes = sum(len(kv_cache.layers) * max(0, swapped.host.shape[1] - first) * kv_cache.block_bytes
                           for swapped, _, first in jobs)
@@ -234,15 +235,6 @@ class LayerCopies:
         self.busy = time.thread_time() - started
 
     @property
-    def stalled(self):
-        """Seconds the model was held up waiting for the copies (after finish()): the host's waits, and
-        on CUDA the time the model's stream spent blocked on the copies' events."""
-        if not self._stalls:
-            return self.waited
-        self._stalls[-1][1].synchronize()
-        return self.waited + sum(before.elapsed_time(after) for before, after in self._stalls) / 1e3
-
-    @property
     def seconds(self):
         """What the copies cost the engine (after finish()): the stalls where they run beside the model on
         CUDA's copy engines; on CPU the worker's time if more, as it takes cores and memory bandwidth
@@ -268,9 +260,16 @@ class LayerCopies:
         self.waited += time.perf_counter() - started
 
     def finish(self):
-        """Wait until no copy is in flight (the host buffers may go, the cache may shrink)."""
+        """Wait until no copy is in flight (the host buffers may go, the cache may shrink), and add up the
+        stalls: the host's waits, and on CUDA the time the model's stream spent blocked on the copies'
+        events."""
         if self._stream is not None:
             self._stream.synchronize()
         if self._worker is not None:
             self._worker.join()
+        self.stalled = self.waited
+        if self._stalls:
+            self._stalls[-1][1].synchronize()
+            self.stalled += sum(before.elapsed_time(after) for before, after in self._stalls) / 1e3
+            self._stalls = []
         self.jobs, self.caches = [], []  # the cache views would keep the KV cache from shrinking
