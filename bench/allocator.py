@@ -292,10 +292,13 @@ def run_gpu(quick):
     for workload in ("loop", "generate"):
         for mode, env in MODES.items():
             cmd = [sys.executable, __file__, "--child", workload, "--mode", mode] + (["--quick"] if quick else [])
-            done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+            start = time.perf_counter()
+            done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
             if done.returncode != 0:
                 raise RuntimeError(f"{workload} under {mode} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
             results[f"{workload}.{mode}"] = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"{workload} under {mode} ({time.perf_counter() - start:.0f} s): {results[f'{workload}.{mode}']}",
+                  flush=True)
     import torch
 
     return {"device": "cuda", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "quick": quick,

@@ -209,7 +209,6 @@ class ElasticCache(Cache):
         text = config.get_text_config(decoder=True)
         if max_cache_len is None:
             max_cache_len = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions")
-        self.max_cache_len = max_cache_len
         self.pool_kwargs = {"budget_bytes": budget_bytes, "host_budget_bytes": host_budget_bytes,
                             "chunk_bytes": chunk_bytes}
         pools = [pool] if isinstance(pool, Pool) else list(pool or [])

@@ -58,7 +58,7 @@ class LLM:
 
     def __init__(self, model, tokenizer=None, mode="elastic", budget_bytes=None, host_budget_bytes=0, *,
                  policy="fcfs", preemption="recompute", block_size=16, max_num_seqs=64,
-                 max_num_batched_tokens=512, max_model_len=None, chunked_prefill=True, chunk_bytes=256 << 10,
+                 max_num_batched_tokens=512, max_model_len=None, chunked_prefill=True, chunk_bytes=None,
                  activation_profile=None, enable_prefix_caching=True, pool=None, activations_in_pool=None):
         if isinstance(model, str):
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -77,6 +77,8 @@ class LLM:
         if pool is None and backend == "cuda" and torch_ellm.is_enabled():
             pool = torch_ellm.pool(device)
         if pool is None:
+            if chunk_bytes is None:  # fine-grained on host memory; CUDA maps in 2 MiB granules
+                chunk_bytes = 256 << 10 if backend == "host" else 2 << 20
             pool = Pool(backend, device=device.index or 0, budget_bytes=budget_bytes,
                         host_budget_bytes=host_budget_bytes, chunk_bytes=chunk_bytes)
         elif budget_bytes is not None or host_budget_bytes:

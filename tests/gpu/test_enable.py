@@ -65,21 +65,25 @@ def test_record_stream_delays_reuse():
         x = torch.ones(1 << 20, device="cuda")  # 4 MiB, a large block
         address = x.data_ptr()
         side.wait_stream(torch.cuda.current_stream())
+        # x's use on side goes first: a kernel's first launch (lazy loading) and side's first small block (a
+        # fresh chunk) may wait for the device to go idle, which would drain a sleep queued before them.
         with torch.cuda.stream(side):
-            torch.cuda._sleep(int(2e8))  # keeps the side stream busy
             total = x.sum()
+            torch.cuda._sleep(int(2e8))  # keeps the side stream busy; free's event lands behind it
         x.record_stream(side)
         del x
         # The side stream may still read the block: it must not come back yet. (busy stays alive,
         # so that after the sync the only cached 4 MiB block is x's.)
         busy = torch.empty(1 << 20, device="cuda")
         reused_while_busy = busy.data_ptr() == address
+        side_was_busy = not side.query()
         side.synchronize()
         again = torch.empty(1 << 20, device="cuda")
         print(json.dumps({"reused_while_busy": reused_while_busy, "reused_after_sync": again.data_ptr() == address,
-                          "total": total.item()}))
+                          "side_was_busy": side_was_busy, "total": total.item()}))
     """)
     assert out["total"] == 1 << 20
+    assert out["side_was_busy"], "the side stream finished before the reuse check: the test proves nothing"
     assert not out["reused_while_busy"]
     assert out["reused_after_sync"]
 
@@ -162,11 +166,18 @@ with torch.no_grad():
                                 attention_mask=torch.ones(1, len(p), dtype=torch.long).cuda())[0, len(p):].tolist()
                  for p in prompts]
 llm = LLM(model, mode="elastic", max_model_len=256, max_num_batched_tokens=64, block_size=16)
-outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
-print(json.dumps({"same": [o.token_ids for o in outs] == reference,
+ids = [llm.add_request(p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)) for p in prompts]
+tokens, charged, kept = {}, 0, 0
+while llm.has_unfinished_requests():
+    for o in llm.step():
+        tokens[o.request_id] = o.token_ids
+    charged = max(charged, llm.memory.activations.mapped_bytes)  # the engine's own charge
+    kept = max(kept, llm.pool.policy["keep_free_bytes"])
+print(json.dumps({"same": [tokens[i] for i in ids] == reference,
                   "allocator_pool": torch_ellm.allocator.is_allocator_pool(llm.pool),
-                  "external": llm.memory.external,
-                  "charged": max(s["activation_bytes"] for s in llm.metrics.steps),
+                  "external": llm.memory.external, "charged": charged, "kept": kept,
+                  # the pool's bytes tagged activations: the model's real activations, which come from the pool
+                  "activations_in_pool": max(s["activation_bytes"] for s in llm.metrics.steps),
                   "kv_peak": max(s["kv_bytes"] for s in llm.metrics.steps)}))
 """
 
@@ -176,7 +187,8 @@ def test_engine_under_enable_shares_the_allocator_pool():
     room for activations instead of charging them; greedy outputs equal HF generate."""
     r = run_python(ENGINE_RUN)
     assert r["same"] and r["allocator_pool"] and r["external"]
-    assert r["charged"] == 0 and r["kv_peak"] > 0
+    assert r["charged"] == 0 and r["kept"] > 0 and r["kv_peak"] > 0
+    assert r["activations_in_pool"] > 0
 
 
 HF_RUN = ENABLED_MODEL + """
