@@ -436,3 +436,16 @@ def test_a_cached_prefix_is_kept_when_only_the_step_lacks_room(tiny_model):
         llm.step()
     assert len(request.output_token_ids) == 80
     assert_pool_empty(llm)
+
+
+def test_an_out_of_memory_while_profiling_reaches_the_caller(tiny_model, monkeypatch):
+    """The profiling run's traceback holds views of its scratch KV cache; releasing that cache must not
+    replace the OutOfMemoryError with a complaint about live views (first seen on a GPU)."""
+    import torch_ellm.integrations.engine.model_runner as runner
+
+    def out_of_memory(q, cache, layout, scale):
+        raise torch.OutOfMemoryError("injected")
+
+    monkeypatch.setattr(runner, "paged_attention", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError, match="injected"):
+        LLM(tiny_model, budget_bytes=2 * MB, chunk_bytes=16 << 10, block_size=4, max_num_batched_tokens=32)

@@ -2,11 +2,16 @@
 
 A step's tokens are laid out flat: every prefill chunk's tokens, then one token per decoding
 sequence. Prefill chunks attend one sequence at a time (a chunk sees all earlier tokens of its
-sequence and itself causally); decodes run as padded batches with a key mask."""
+sequence and itself causally, in query tiles when long); decodes run as padded batches with a key mask."""
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+# Score elements one prefill attention call may hold. Where SDPA falls back to its math path (fp32 on
+# CUDA with GQA, say) it builds the whole [heads, queries, keys] matrix: a 32K-token prefill would need
+# 128 GiB. Longer prefills run in query tiles under this bound (512 MiB of fp32 scores).
+SCORE_LIMIT = 1 << 27
 
 
 @dataclass
@@ -65,12 +70,18 @@ def paged_attention(q, cache, layout, scale):
     for start, n, ctx, table in layout.prefills:
         k, v = (cache[table, i].flatten(0, 1)[:ctx].transpose(0, 1) for i in (0, 1))  # [kv_heads, ctx, head_dim]
         qs = q[start:start + n].transpose(0, 1)
-        if n == ctx:
-            o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        else:  # a later chunk: query i sits at position ctx - n + i and sees keys up to it
-            mask = torch.arange(ctx, device=q.device)[None, :] <= torch.arange(ctx - n, ctx, device=q.device)[:, None]
-            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[start:start + n] = o.transpose(0, 1)
+        tile = max(1, SCORE_LIMIT // (q.shape[1] * ctx))
+        if n == ctx and n <= tile:
+            out[start:start + n] = F.scaled_dot_product_attention(
+                qs, k, v, is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1)
+            continue
+        for first in range(0, n, tile):  # query i sits at position ctx - n + i and sees keys up to it
+            rows = min(tile, n - first)
+            end = ctx - n + first + rows  # keys past the tile's last query are masked anyway: leave them out
+            mask = torch.arange(end, device=q.device)[None, :] <= torch.arange(end - rows, end, device=q.device)[:, None]
+            o = F.scaled_dot_product_attention(qs[:, first:first + rows], k[:, :end], v[:, :end], attn_mask=mask,
+                                               scale=scale, enable_gqa=True)
+            out[start + first:start + first + rows] = o.transpose(0, 1)
     for start, tables, mask in layout.decodes:
         batch = tables.shape[0]
         k, v = (cache[tables, i].flatten(1, 2).transpose(1, 2) for i in (0, 1))  # [batch, kv_heads, keys, head_dim]

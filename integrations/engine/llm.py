@@ -131,6 +131,9 @@ class LLM:
         try:
             scratch.resize(blocks)
             return ActivationProfile.measure(runner, scratch, max_batched_tokens)
+        except BaseException as e:
+            traceback.clear_frames(e.__traceback__)  # its frames' views of scratch would refuse the release
+            raise
         finally:
             scratch.release()
 
@@ -224,6 +227,8 @@ class LLM:
             decode_tokens += seq.first_token_time is not None
             seq.append(sample(row, seq.params, seq.generator), now)
             outputs.append(self._after_token(seq, now))
+        if self.runner.device.type == "cuda":  # a step that samples nothing would leave its kernels running into
+            torch.cuda.synchronize(self.runner.device)  # the next step's timing (overhead, and the cost model)
         model_end = time.perf_counter()
         self.memory.end_step(self.blocks.high_water, idle=not self._requests)
         decoding = [seq for seq, n in chunks if n == 1 and seq.status is Status.RUNNING]

@@ -1,0 +1,29 @@
+"""Paged attention's query tiles: a long prefill split under SCORE_LIMIT gives what one call gives."""
+import pytest
+import torch
+
+from torch_ellm.integrations.engine import attention
+from torch_ellm.integrations.engine.attention import StepLayout, paged_attention
+
+
+@pytest.mark.parametrize("n, ctx", [(40, 40), (17, 40), (1, 40), (40, 64)])
+def test_query_tiles_match_one_call(monkeypatch, n, ctx):
+    """n query tokens at the end of a ctx-token context (n == ctx: a whole prompt; fewer: a later chunk)."""
+    g = torch.Generator().manual_seed(n * 1000 + ctx)
+    heads, kv_heads, head_dim, block_size = 4, 2, 8, 4
+    blocks = -(-ctx // block_size)
+    cache = torch.randn(blocks + 3, 2, block_size, kv_heads, head_dim, generator=g)
+    table = torch.randperm(blocks + 3, generator=g)[:blocks]  # blocks anywhere in the cache, in any order
+    q = torch.randn(n + 2, heads, head_dim, generator=g)  # two tokens before this prefill in the step
+    layout = StepLayout(prefills=[(2, n, ctx, table)], decodes=[], slots=torch.empty(0, dtype=torch.long))
+    whole = paged_attention(q, cache, layout, head_dim ** -0.5)[2:]
+    for rows in (1, 3, 16):  # queries per tile
+        monkeypatch.setattr(attention, "SCORE_LIMIT", rows * heads * ctx)
+        tiled = paged_attention(q, cache, layout, head_dim ** -0.5)[2:]
+        torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-6)
+    # and against attention written out: query i at position ctx - n + i sees keys 0..ctx - n + i
+    k, v = (cache[table, i].flatten(0, 1)[:ctx].repeat_interleave(heads // kv_heads, dim=1) for i in (0, 1))
+    scores = torch.einsum("qhd,khd->hqk", q[2:], k) * head_dim ** -0.5
+    visible = torch.arange(ctx)[None, :] <= torch.arange(ctx - n, ctx)[:, None]
+    expected = torch.einsum("hqk,khd->qhd", scores.masked_fill(~visible, float("-inf")).softmax(-1), v)
+    torch.testing.assert_close(whole, expected, rtol=1e-5, atol=1e-5)
