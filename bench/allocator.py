@@ -239,6 +239,10 @@ def child(workload, mode, quick):
     if mode == "ellm":
         s = torch_ellm.memory_stats()
         reserved, allocated = s["reserved_bytes.all.peak"], s["allocated_bytes.all.peak"]
+        # Device memory the pool held at most, unmapped chunks it keeps for reuse included: this, not
+        # what the allocator had mapped, is what compares with PyTorch's reserved (cudaMalloc'd) bytes.
+        out.update(peak_physical=s["ellm.device_physical_peak_bytes"],
+                   physical_ratio=s["ellm.device_physical_peak_bytes"] / allocated)
     else:
         reserved, allocated = torch.cuda.max_memory_reserved(), torch.cuda.max_memory_allocated()
     out.update(peak_reserved=reserved, peak_allocated=allocated, peak_ratio=reserved / allocated)
@@ -320,6 +324,8 @@ def print_gpu(r):
     row("generate tokens/s", {m: res[f"generate.{m}"]["tokens_per_s"] for m in MODES})
     for w in ("loop", "generate"):
         row(f"{w} peak reserved/alloc", {m: res[f"{w}.{m}"]["peak_ratio"] for m in MODES})
+        row(f"{w} ellm: pool physical", {**{m: res[f"{w}.{m}"]["peak_ratio"] for m in MODES},
+                                         "ellm": res[f"{w}.ellm"]["physical_ratio"]})
 
 
 def main():

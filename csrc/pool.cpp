@@ -114,6 +114,7 @@ bool Pool::take_locked(size_t n, Location where, Tag tag, std::vector<Chunk>& ou
   t.live += n;
   t.by_tag[static_cast<int>(tag)] += n;
   t.peak = std::max(t.peak, t.borrowed());
+  t.physical_peak = std::max(t.physical_peak, t.physical());
   if (where == Location::Host) release_excess_locked();  // cached host buffers count too
   return true;
 }
@@ -567,6 +568,7 @@ std::map<std::string, double> Pool::stats() const {
       {"device_peak_bytes", b(d.peak)},
       {"device_cached_bytes", b(d.cached.size())},
       {"device_physical_bytes", b(d.physical())},
+      {"device_physical_peak_bytes", b(d.physical_peak)},
       {"mapped_device_bytes", b(d.mapped)},
       {"borrowed_bytes", b(h.borrowed())},
       {"host_buffer_bytes", b(h.buffers)},

@@ -150,6 +150,7 @@ class Pool : public std::enable_shared_from_this<Pool> {
     size_t live = 0;               // chunks handed out
     std::vector<Handle> cached;    // created, free, kept for reuse
     size_t peak = 0;               // of live, less buffers
+    size_t physical_peak = 0;      // of live + cached: what the backend held at most
     size_t mapped = 0;             // chunks mapped somewhere
     size_t by_tag[kNumTags] = {};
     size_t buffers = 0;            // of live: host buffers' chunks, not borrowed ones
