@@ -243,3 +243,43 @@ def test_a_cached_prefix_pinning_the_kv_tail_is_left_behind(tiny_model, seed):
     assert [got[i] for i in range(len(prompts))] == want
     assert llm.metrics.summary()["cached_tokens"] > 0
     assert_pool_empty(llm)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_block_manager_answers_stay_true_as_blocks_change(seed):
+    """high_water_after answers from memory while nothing changed: after every change it must agree with
+    the picks worked out anew, and least_high_water_after must never exceed it."""
+    rng = random.Random(seed)
+    mapped = [0]
+    blocks = BlockManager(block_size=4, max_blocks=64, prefix_caching=True, mapped_blocks=lambda: mapped[0])
+    prefixes = [[rng.randrange(100) for _ in range(12)] for _ in range(3)]
+    live = []
+
+    def check():
+        for extra in {0, 1, 2, rng.randrange(blocks.num_free + 1), blocks.num_free}:
+            for compact in (False, True):
+                answer = blocks.high_water_after(extra, compact)
+                picks = blocks._picks(extra, compact)
+                assert answer == max([blocks.high_water] + [b + 1 for b, _ in picks])
+                assert blocks.least_high_water_after(extra) <= answer
+        assert blocks.high_water_after(blocks.num_free + 1) is None
+
+    for _ in range(300):
+        check()  # remembered now; the change below must make it forget
+        op = rng.random()
+        if op < 0.45 and blocks.num_free > 8:
+            tail = [rng.randrange(100) for _ in range(rng.randrange(1, 12))]
+            seq = new_seq(rng.choice(prefixes)[:rng.randrange(4, 13)] + tail)
+            blocks.take_cached(seq)  # as the scheduler admits: the cached prefix, then questions, then growth
+            check()
+            blocks.grow(seq, len(seq))
+            seq.num_computed = len(seq)
+            blocks.cache_full_blocks(seq)
+            live.append(seq)
+        elif op < 0.8 and live:
+            blocks.free(live.pop(rng.randrange(len(live))))
+        elif op < 0.9:
+            blocks.forget_unmapped(rng.randrange(blocks.high_water, 65))
+        else:
+            mapped[0] = rng.randrange(blocks.high_water, 65)  # the KV cache maps more or less
+    check()

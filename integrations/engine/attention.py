@@ -78,7 +78,8 @@ def paged_attention(q, cache, layout, scale):
         for first in range(0, n, tile):  # query i sits at position ctx - n + i and sees keys up to it
             rows = min(tile, n - first)
             end = ctx - n + first + rows  # keys past the tile's last query are masked anyway: leave them out
-            mask = torch.arange(end, device=q.device)[None, :] <= torch.arange(end - rows, end, device=q.device)[:, None]
+            positions = torch.arange(end, device=q.device)
+            mask = positions[None, :] <= positions[end - rows:, None]
             o = F.scaled_dot_product_attention(qs[:, first:first + rows], k[:, :end], v[:, :end], attn_mask=mask,
                                                scale=scale, enable_gqa=True)
             out[start + first:start + first + rows] = o.transpose(0, 1)

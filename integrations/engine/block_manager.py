@@ -39,6 +39,9 @@ class BlockManager:
         self._high_water = 0  # max(self._refs) + 1, kept up to date: asked for every scheduling decision
         self._cached = {}  # key -> the block holding its K/V (in use or free)
         self._key_of = {}  # block -> its key in _cached
+        # high_water_after answers, for as long as the blocks in use, the free heaps and the mapped size
+        # stay as they are: a scheduler asks the same question for every chunk size it tries.
+        self._version, self._answers, self._answers_for = 0, {}, None
 
     @property
     def num_used(self):
@@ -74,6 +77,11 @@ class BlockManager:
             free_below = max(free_below, picks[-1][0] + 1)
         return picks
 
+    def least_high_water_after(self, extra_blocks):
+        """A lower bound of high_water_after(extra_blocks, either way), in O(1): so many blocks in use
+        reach at least that high."""
+        return max(self.high_water, self.num_used + extra_blocks)
+
     def high_water_after(self, extra_blocks, compact=False):
         """The high water mark if extra_blocks more were allocated now by grow(..., compact) (None if there
         are not that many)."""
@@ -81,13 +89,21 @@ class BlockManager:
             return self.high_water
         if extra_blocks > self.num_free:
             return None
-        return max(self.high_water, max(block for block, _ in self._picks(extra_blocks, compact)) + 1)
+        state = (self._version, self.mapped_blocks())
+        if state != self._answers_for:
+            self._answers, self._answers_for = {}, state
+        key = (extra_blocks, compact)
+        if key not in self._answers:
+            picks = self._picks(extra_blocks, compact)
+            self._answers[key] = max(self.high_water, max(block for block, _ in picks) + 1)
+        return self._answers[key]
 
     def grow(self, seq, num_tokens, compact=False):
         """Give seq enough blocks to hold num_tokens tokens (compact: see _picks)."""
         need = self.blocks_for(num_tokens) - len(seq.block_table)
         if need > self.num_free:
             raise RuntimeError(f"no free KV block: {need} wanted, {self.num_free} free")
+        self._version += 1
         for _, cached in self._picks(need, compact):  # each heap gives its picks in order: pop them
             block = heapq.heappop(self._free_cached if cached else self._free)
             if cached:  # its K/V are about to be overwritten
@@ -98,6 +114,7 @@ class BlockManager:
 
     def free(self, seq):
         """Drop seq's blocks; those it was the last user of become free, cached ones still findable."""
+        self._version += 1
         for block in seq.block_table:
             self._refs[block] -= 1
             if not self._refs[block]:
@@ -133,6 +150,7 @@ class BlockManager:
         """On admission (seq holds no block): attach the cached blocks of seq's longest cached prefix,
         reused in place, and mark their tokens computed. The last token is left out, so the step still
         runs it and gives logits. Returns the tokens found (0 with prefix caching off)."""
+        self._version += 1
         revived = set()  # free but intact blocks, back into use
         while self.prefix_caching and len(seq.block_hashes) < (len(seq) - 1) // self.block_size:
             key = self._key(seq, len(seq.block_hashes))
@@ -166,6 +184,7 @@ class BlockManager:
         """The KV cache now maps only the blocks below num_blocks: those above lost their K/V. (None
         of them is in use: the cache always maps the high water.) Dropping their keys here, rather than
         checking the mapped size on a hit, also covers a block unmapped and mapped again since."""
+        self._version += 1
         lost = {b for b in self._key_of if b >= num_blocks}
         for block in lost:
             del self._cached[self._key_of.pop(block)]

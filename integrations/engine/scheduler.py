@@ -47,11 +47,14 @@ class Scheduler:
 
     def _try_take(self, seq, n, tokens, whole):
         extra = self.blocks.blocks_for(len(seq) if whole else seq.num_computed + n) - len(seq.block_table)
+        allowance = self._allowance()
+        if not self.memory.fits(self.blocks.least_high_water_after(extra), tokens + n, allowance):
+            return False  # cheap to tell, and no choice of blocks can do better
         # Blocks that keep cached prefixes alive first; if they would pin a mapped KV tail the step needs
         # for itself, the lowest free blocks instead.
         for compact in (False, True):
             high_water = self.blocks.high_water_after(extra, compact)
-            if high_water is not None and self.memory.fits(high_water, tokens + n, self._allowance()):
+            if high_water is not None and self.memory.fits(high_water, tokens + n, allowance):
                 self.blocks.grow(seq, seq.num_computed + n, compact)
                 return True
         return False
