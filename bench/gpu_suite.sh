@@ -2,11 +2,13 @@
 # The GPU suite on a machine with CUDA: build, every GPU test, every GPU benchmark.
 #   bash bench/gpu_suite.sh                 # everything, in one go
 #   bash bench/gpu_suite.sh tests pool      # some parts: tests pool elastic allocator hf_generate engine
+#   PYTHON=/opt/torch/.venv/bin/python bash bench/gpu_suite.sh   # a Python with CUDA PyTorch not first on PATH
 # Parts append to bench/results/gpu_suite_<device>_<date>.txt (beside the benchmarks' own JSON files),
 # so a suite split over several shorter runs still ends in one file.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
+py=${PYTHON:-python}
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(tests pool elastic allocator hf_generate engine)
 device=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '_' || true)
@@ -14,17 +16,17 @@ out="bench/results/gpu_suite_${device:-unknown}_$(date +%Y-%m-%d).txt"
 mkdir -p bench/results
 {
   echo "# torch_ellm GPU suite on ${device:-unknown GPU}, $(date -u +%Y-%m-%dT%H:%MZ): ${parts[*]}"
-  python -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])"
-  python -m pip install -q --no-build-isolation --no-deps -e . || exit 1
+  "$py" -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])"
+  "$py" -m pip install -q --no-build-isolation --no-deps -e . || exit 1
   # enable() builds this shim for its hooks (empty_cache, record_stream, OOM as torch.OutOfMemoryError).
-  python -c "from torch_ellm import shim; shim.load(cuda=True); print('shim with CUDA hooks: built')" \
+  "$py" -c "from torch_ellm import shim; shim.load(cuda=True); print('shim with CUDA hooks: built')" \
     || echo "shim with CUDA hooks: NOT built (needs a CUDA toolkit: CUDA_HOME); the enable() hook tests will fail"
   status=0
   for part in "${parts[@]}"; do
     echo "## $part"
     case "$part" in
-      tests) python -m pytest -m gpu -v -rs tests || status=1 ;;
-      pool|elastic|allocator|hf_generate|engine) python "bench/$part.py" --device cuda || status=1 ;;
+      tests) "$py" -m pytest -m gpu -v -rs tests || status=1 ;;
+      pool|elastic|allocator|hf_generate|engine) "$py" "bench/$part.py" --device cuda || status=1 ;;
       *) echo "unknown part '$part': expected tests, pool, elastic, allocator, hf_generate or engine"; status=2 ;;
     esac
   done
