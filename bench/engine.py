@@ -25,7 +25,7 @@ COLUMNS = ("decode_tokens_per_s", "decode_time_with_prefill_pct", "max_batch", "
            "slo_attainment", "goodput_rps", "overhead_pct", "preemptions")
 
 
-def make_model(quick, device):
+def make_model(quick, device, dtype):
     """Random weights, Llama shapes: small for a CPU run, Llama-3-8B-like widths with few layers on a GPU."""
     torch.manual_seed(0)
     if quick:
@@ -34,7 +34,7 @@ def make_model(quick, device):
     else:
         config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,
                              num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768)
-    return LlamaForCausalLM(config).eval().to(device)
+    return LlamaForCausalLM(config).eval().to(device, getattr(torch, dtype))
 
 
 def bursts(rng, max_len, n, slo, gap):
@@ -183,6 +183,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="CPU-sized model and workloads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"],
+                        help="model and KV dtype (default: bfloat16 on a GPU, as served; float32 on the CPU)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (small matmuls on a shared 2-core machine run ~10x faster on 1)")
     parser.add_argument("--only", nargs="*", help="run only these workloads (uniform, long_prompt, bursty_slo, bursty_slo_half, shared_prefix, preemption); "
@@ -190,7 +192,8 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     quick = args.quick or args.device == "cpu"
-    model = make_model(quick, args.device)
+    dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    model = make_model(quick, args.device, dtype)
     vocab = model.config.vocab_size
     max_len, long_len, n = (1024, 2048, 24) if quick else (4096, 8192, 64)
     configs = {length: engine_config(model, length) for length in (max_len, long_len)}
@@ -202,7 +205,7 @@ def main():
     calibrate.close()
     slo = {"ttft": 10 * lone["ttft_p50"], "tpot": 3 * lone["tpot_p50"],
            "gap": 8 * lone["ttft_p50"] + 16 * lone["tpot_p50"]}
-    results = {"device": args.device, "slo": slo, "configs": {}, "workloads": {}}
+    results = {"device": args.device, "dtype": dtype, "slo": slo, "configs": {}, "workloads": {}}
     for name, length, requests in workloads(random.Random(args.seed), max_len, long_len, n, slo):
         if args.only and name not in args.only:
             continue
