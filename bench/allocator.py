@@ -314,18 +314,18 @@ def print_gpu(r):
     print(f"GPU {r['gpu']}, torch {r['torch']}; ratio = mode / native (time: lower is better)")
     print(f"{'':26}" + "".join(f"{m:>14}" for m in MODES) + f"{'expandable/n':>14}{'ellm/n':>10}")
 
-    def row(name, values):
+    def row(name, values, digits=1):
         n = values["native"]
-        print(f"{name:26}" + "".join(f"{values[m]:14.1f}" for m in MODES) +
+        print(f"{name:26}" + "".join(f"{values[m]:14.{digits}f}" for m in MODES) +
               f"{values['expandable'] / n:14.2f}{values['ellm'] / n:10.2f}")
 
     for size in LOOP_SIZES:
         row(f"empty+del {size} B, ns", {m: res[f"loop.{m}"]["ns_per_op"][str(size)] for m in MODES})
     row("generate tokens/s", {m: res[f"generate.{m}"]["tokens_per_s"] for m in MODES})
     for w in ("loop", "generate"):
-        row(f"{w} peak reserved/alloc", {m: res[f"{w}.{m}"]["peak_ratio"] for m in MODES})
+        row(f"{w} peak reserved/alloc", {m: res[f"{w}.{m}"]["peak_ratio"] for m in MODES}, 3)
         row(f"{w} ellm: pool physical", {**{m: res[f"{w}.{m}"]["peak_ratio"] for m in MODES},
-                                         "ellm": res[f"{w}.ellm"]["physical_ratio"]})
+                                         "ellm": res[f"{w}.ellm"]["physical_ratio"]}, 3)
 
 
 def main():

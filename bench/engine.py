@@ -188,7 +188,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (small matmuls on a shared 2-core machine run ~10x faster on 1)")
     parser.add_argument("--only", nargs="*", help="run only these workloads (uniform, long_prompt, bursty_slo, bursty_slo_half, shared_prefix, preemption); "
-                        "writes engine_<tag>_partial.json, no plot")
+                        "writes engine_<tag>_<workloads>.json, no plot")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     quick = args.quick or args.device == "cpu"
@@ -234,7 +234,7 @@ def main():
         results["preemption"] = preemption(model, *configs[long_len], vocab, n, args.seed)
     print_ratios(results)
     RESULTS.mkdir(exist_ok=True)
-    tag = ("quick" if quick else args.device) + ("_partial" if args.only else "")  # a partial run keeps the full one
+    tag = ("quick" if quick else args.device) + "".join("_" + name for name in args.only or [])  # beside the full run
     (RESULTS / f"engine_{tag}.json").write_text(json.dumps(results, indent=1))
     if not args.only:
         plot(results, RESULTS / f"engine_{tag}.png")

@@ -98,17 +98,20 @@ bool Pool::take_locked(size_t n, Location where, Tag tag, std::vector<Chunk>& ou
     out.push_back({t.cached.back(), where});
     t.cached.pop_back();
   }
+  auto keep_for_later = [&] {  // what a failed take made or took waits in the cache
+    for (auto& c : out) t.cached.push_back(c.handle);
+    out.clear();
+    t.physical_peak = std::max(t.physical_peak, t.physical());
+  };
   try {
     while (out.size() < n) out.push_back({new_chunk(where), where});
   } catch (const PhysicalOutOfMemory&) {
     // The device is fuller than our budget thinks (another process, say):
     // keep what we made for later and report a shortfall like any other.
-    for (auto& c : out) t.cached.push_back(c.handle);
-    out.clear();
+    keep_for_later();
     return false;
   } catch (...) {
-    for (auto& c : out) t.cached.push_back(c.handle);
-    out.clear();
+    keep_for_later();
     throw;
   }
   t.live += n;

@@ -52,8 +52,10 @@ PROFILES = {}  # model id -> activation profile: measured once, reused by every 
 
 
 def smollm2_engine(smollm2, **kwargs):
-    return make_engine(*smollm2, **dict(dict(max_model_len=256, max_num_batched_tokens=32, block_size=16,
-                                             chunk_bytes=64 << 10), **kwargs))
+    defaults = dict(max_model_len=256, max_num_batched_tokens=32, block_size=16)
+    if "pool" not in kwargs:  # a given pool brings its own chunk size
+        defaults["chunk_bytes"] = 64 << 10
+    return make_engine(*smollm2, **{**defaults, **kwargs})
 
 
 def make_engine(model, tokenizer=None, **kwargs):

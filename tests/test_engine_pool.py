@@ -27,9 +27,10 @@ def test_engine_draws_from_a_given_pool_beside_other_tensors(smollm2, reference)
     assert pool.stats()["mapped_device_bytes"] == 8 * MB  # the engine gave back all it took
 
 
-def test_budgets_come_from_a_given_pool(smollm2):
+@pytest.mark.parametrize("setting", [dict(budget_bytes=32 * MB), dict(chunk_bytes=64 << 10)])
+def test_budgets_and_chunk_size_come_from_a_given_pool(smollm2, setting):
     with pytest.raises(ValueError, match="come from the pool"):
-        smollm2_engine(smollm2, pool=shared_pool(), budget_bytes=32 * MB)
+        smollm2_engine(smollm2, pool=shared_pool(), **setting)
 
 
 @pytest.mark.parametrize("mode", ["static", "elastic"])

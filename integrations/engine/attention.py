@@ -8,10 +8,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# Score elements one prefill attention call may hold. Where SDPA falls back to its math path (fp32 on
-# CUDA with GQA, say) it builds the whole [heads, queries, keys] matrix: a 32K-token prefill would need
-# 128 GiB. Longer prefills run in query tiles under this bound (512 MiB of fp32 scores).
+# Score elements one prefill attention call may hold. Where SDPA falls back to its math path (a mask
+# with GQA on CUDA, or fp32 there) it builds the whole [heads, queries, keys] matrix: a 32K-token prefill
+# would need 128 GiB. Longer prefills run in query tiles under this bound (512 MiB of fp32 scores).
 SCORE_LIMIT = 1 << 27
+
+
+def causal_kernel_is_fused(q):
+    """Whether SDPA's is_causal path streams over keys for q: CUDA's flash kernel takes half precision
+    only; on the CPU every dtype goes to a fused kernel. A whole prompt then needs no query tiles."""
+    return q.device.type != "cuda" or q.dtype in (torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -71,7 +77,7 @@ def paged_attention(q, cache, layout, scale):
         k, v = (cache[table, i].flatten(0, 1)[:ctx].transpose(0, 1) for i in (0, 1))  # [kv_heads, ctx, head_dim]
         qs = q[start:start + n].transpose(0, 1)
         tile = max(1, SCORE_LIMIT // (q.shape[1] * ctx))
-        if n == ctx and n <= tile:
+        if n == ctx and (n <= tile or causal_kernel_is_fused(q)):
             out[start:start + n] = F.scaled_dot_product_attention(
                 qs, k, v, is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1)
             continue

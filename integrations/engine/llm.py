@@ -38,7 +38,8 @@ class LLM:
     """Serves a Hugging Face Llama-family model with a paged KV cache on one elastic pool.
 
     budget_bytes is the pool's device budget for KV cache and activations (weights live outside it);
-    host_budget_bytes how much KV may be borrowed or swapped to host memory. mode "static" reserves the
+    host_budget_bytes how much KV may be borrowed or swapped to host memory; chunk_bytes the pool's unit
+    of mapping (default 256 KiB on the CPU, 2 MiB on CUDA, the driver's granularity). mode "static" reserves the
     activation peak and fixes the KV pool; "elastic" lets both share the budget step by step. policy
     "fcfs" or "slo"; preemption "recompute", "swap" (a preempted request's K/V wait in a host buffer
     and are copied back, overlapped layer by layer with the step that resumes it) or "borrow" (a step
@@ -51,7 +52,8 @@ class LLM:
     its requests until its memory is needed or unmapped (elastic mode unmaps all KV when idle).
 
     pool: a torch_ellm Pool to draw KV (and activation) memory from, shared with whatever else lives
-    in it; its budgets stand (budget_bytes and host_budget_bytes must then be left out). On CUDA under
+    in it; its budgets and chunk size stand (budget_bytes, host_budget_bytes and chunk_bytes must then be
+    left out). On CUDA under
     torch_ellm.enable() the default is the allocator's pool, so KV cache, weights and activations share
     one budget. activations_in_pool: whether the model's activations are allocated from that pool
     (default: whether it is the allocator's pool); they are then kept room for rather than charged."""
@@ -81,9 +83,10 @@ class LLM:
                 chunk_bytes = 256 << 10 if backend == "host" else 2 << 20
             pool = Pool(backend, device=device.index or 0, budget_bytes=budget_bytes,
                         host_budget_bytes=host_budget_bytes, chunk_bytes=chunk_bytes)
-        elif budget_bytes is not None or host_budget_bytes:
-            raise ValueError("budget_bytes and host_budget_bytes come from the pool when one is used (given, or "
-                             "the allocator's under enable()): set them with pool.set_budget/set_host_budget")
+        elif budget_bytes is not None or host_budget_bytes or chunk_bytes is not None:
+            raise ValueError("budget_bytes, host_budget_bytes and chunk_bytes come from the pool when one is used "
+                             "(given, or the allocator's under enable()): set budgets with pool.set_budget/"
+                             "set_host_budget; the chunk size is the pool's")
         elif pool.device != device:
             raise ValueError(f"the pool is on {pool.device} but the model on {device}")
         self.pool = pool
