@@ -451,3 +451,51 @@ def test_an_out_of_memory_while_profiling_reaches_the_caller(tiny_model, monkeyp
     monkeypatch.setattr(runner, "paged_attention", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError, match="injected"):
         LLM(tiny_model, budget_bytes=2 * MB, chunk_bytes=16 << 10, block_size=4, max_num_batched_tokens=32)
+
+
+@pytest.mark.parametrize("seed", [5, 79, 116, 288])
+def test_tiny_budgets_with_borrowing_refuse_or_finish(seed):
+    """Budgets of a few chunks, preemption by borrowing (seeds from a review's fuzzer): a request is refused
+    by add_request or it finishes; step() never raises. The engine accepted prompts whose blocks could never
+    be mapped beside a step's activations (with no KV yet there is nothing to borrow: step() raised 'no
+    waiting request fits'), counted KV that a shrink unmaps from host memory as device room (an
+    OutOfMemoryError mid-step), and admitted a prompt only whole, which recompute could grow past what the
+    device holds."""
+    rng = random.Random(seed)
+    args = dict(mode=rng.choice(["static", "elastic"]), enable_prefix_caching=rng.random() < 0.6,
+                preemption=rng.choice(["recompute", "swap", "borrow"]), block_size=rng.choice([2, 4, 8]),
+                max_num_batched_tokens=rng.choice([16, 32, 64]), max_model_len=128,
+                chunked_prefill=rng.random() < 0.8, chunk_bytes=rng.choice([4 << 10, 16 << 10]),
+                max_num_seqs=rng.choice([4, 8, 64]),
+                budget_bytes=rng.choice([96 << 10, 128 << 10, 192 << 10, 256 << 10, 512 << 10]),
+                host_budget_bytes=rng.choice([0, 128 << 10, 512 << 10]))
+    assert args["preemption"] == "borrow"
+    if not args["chunked_prefill"]:
+        args["max_num_batched_tokens"] = 128
+    prefixes = [[rng.randrange(128) for _ in range(rng.randint(4, 40))] for _ in range(3)]
+    requests = []
+    for _ in range(rng.randint(10, 40)):
+        arrival = rng.randint(0, 30)
+        prompt = (rng.choice(prefixes) if rng.random() < 0.6 else []) + [rng.randrange(128)
+                                                                         for _ in range(rng.randint(1, 60))]
+        prompt = prompt[:126]
+        requests.append((arrival, prompt, rng.randint(1, min(80, 128 - len(prompt))), rng.randrange(1000),
+                         rng.choice([0, 0.8])))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256)).eval()
+    llm = LLM(model, **args)
+    pending, finished, ids, step = sorted(requests, key=lambda r: r[0]), set(), [], 0
+    while pending or llm.has_unfinished_requests():
+        while pending and pending[0][0] <= step:
+            _, prompt, max_tokens, sample_seed, temperature = pending.pop(0)
+            params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=sample_seed, ignore_eos=True)
+            try:
+                ids.append(llm.add_request(prompt, params))
+            except ValueError:
+                pass  # could never run: refused, the engine unchanged
+        finished |= {o.request_id for o in llm.step() if o.finished}
+        step += 1
+    assert finished == set(ids)  # (seed 79's static KV pool holds no chunk: every request is refused)
+    assert_pool_empty(llm)

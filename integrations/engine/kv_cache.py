@@ -19,9 +19,13 @@ class KVCache:
         chunk = self.pool.chunk_bytes
         return -(-num_blocks * self.block_bytes // chunk) * chunk
 
+    def bytes_for(self, num_blocks):
+        """Bytes num_blocks blocks map, over all layers."""
+        return len(self.layers) * self._mapped_bytes(num_blocks)
+
     def bytes_to_resize(self, num_blocks):
-        """Device bytes resize(num_blocks) would add (negative: free), over all layers."""
-        return len(self.layers) * (self._mapped_bytes(num_blocks) - self._mapped_bytes(self.num_blocks))
+        """Bytes resize(num_blocks) would map (negative: unmap), over all layers."""
+        return self.bytes_for(num_blocks) - self.bytes_for(self.num_blocks)
 
     def resize(self, num_blocks):
         """Map exactly enough chunks for num_blocks blocks in every layer. If that fails (OutOfMemoryError,

@@ -177,12 +177,22 @@ class Memory:
         """Would a step with num_tokens tokens whose KV reaches block high_water fit, borrowing at most
         host_allowance bytes of host memory? Borrowing moves KV already on the device, so it frees no
         more than that."""
-        need = (self.kv.bytes_to_resize(self._kv_blocks(high_water)) + self._activation_growth(num_tokens)
-                + self._headroom(num_tokens))
+        # Unmapping KV frees device memory only where it is on the device (borrowed chunks are in host memory).
+        kv_growth = max(self.kv.bytes_to_resize(self._kv_blocks(high_water)), -self.kv.device_bytes)
+        need = kv_growth + self._activation_growth(num_tokens) + self._headroom(num_tokens)
         room = self.device_room()
         if need <= room or host_allowance <= 0:
             return need <= room
-        return need <= room + min(host_allowance, self.host_room(), self.kv.device_bytes)
+        on_device = self.kv.device_bytes + min(0, kv_growth)  # KV the step unmaps frees room once, not twice
+        return need <= room + min(host_allowance, self.host_room(), on_device)
+
+    def fits_alone(self, blocks, num_tokens):
+        """Could a request's first step, num_tokens tokens with `blocks` KV blocks mapped, run with nothing
+        else in the pool? Borrowing cannot help it: it moves KV already on the device, and there is none."""
+        if self.mode == "static":
+            kv_bytes = self.kv.bytes_for(max(blocks, self.static_blocks))
+            return kv_bytes + self.peak_activation_bytes <= self.pool.budget_bytes
+        return self.kv.bytes_for(blocks) + self._step_activation_bytes(num_tokens) <= self.pool.budget_bytes
 
     def max_blocks_alone(self):
         """The most KV blocks one request could ever hold (all others gone, the host budget borrowed)."""

@@ -72,8 +72,9 @@ class Scheduler:
 
     def _may_chunk(self, seq):
         """Chunked prefill, or a request preempted by recompute whose prompt and generated tokens have
-        grown past what one step may run: in one piece it could never run again."""
-        return self.chunked_prefill or seq.num_uncomputed > self.max_batched_tokens
+        grown past what one step may run, or fits: in one piece it could never run again."""
+        return (self.chunked_prefill or seq.num_uncomputed > self.max_batched_tokens or seq.num_preemptions > 0
+                and not self.memory.fits_alone(self.blocks.blocks_for(len(seq)), seq.num_uncomputed))
 
     def _chunk(self, seq, tokens, prefill_tokens):
         """Tokens of seq to run in a step that has `tokens` so far, `prefill_tokens` of them prefill: all
@@ -141,10 +142,13 @@ class Scheduler:
         swapped = self.swap.holds(seq)
         held = self.swap.num_computed(seq) if swapped else 0
         cached = self.blocks.take_cached(seq)
+        # Blocks for all its tokens up front, as add_request made sure a prompt can have; a request that
+        # recompute has grown past that takes its chunks one by one, borrowing room from its own KV.
+        whole = self.memory.fits_alone(self.blocks.blocks_for(len(seq)), min(len(seq), self.blocks.block_size))
         while True:
             seq.num_computed = max(held, cached)
             n = self._chunk(seq, tokens, prefill_tokens)
-            taken = n and self._take(seq, n, tokens, whole=True)
+            taken = n and self._take(seq, n, tokens, whole=whole)
             if taken:
                 return taken, cached
             self.blocks.free(seq)  # the cached blocks too: a waiting request holds none
