@@ -177,8 +177,9 @@ class Memory:
         """Would a step with num_tokens tokens whose KV reaches block high_water fit, borrowing at most
         host_allowance bytes of host memory? Borrowing moves KV already on the device, so it frees no
         more than that."""
-        # Unmapping KV frees device memory only where it is on the device (borrowed chunks are in host memory).
-        kv_growth = max(self.kv.bytes_to_resize(self._kv_blocks(high_water)), -self.kv.device_bytes)
+        kv_growth = self.kv.bytes_to_resize(self._kv_blocks(high_water))
+        if kv_growth < 0:  # unmapping frees device memory only where the KV is on the device, not borrowed
+            kv_growth = max(kv_growth, -self.kv.device_bytes)
         need = kv_growth + self._activation_growth(num_tokens) + self._headroom(num_tokens)
         room = self.device_room()
         if need <= room or host_allowance <= 0:

@@ -48,8 +48,10 @@ class Scheduler:
     def _try_take(self, seq, n, tokens, whole):
         extra = self.blocks.blocks_for(len(seq) if whole else seq.num_computed + n) - len(seq.block_table)
         allowance = self._allowance()
-        if not self.memory.fits(self.blocks.least_high_water_after(extra), tokens + n, allowance):
-            return False  # cheap to tell, and no choice of blocks can do better
+        # Many blocks (a long prompt) take a long walk to place: first a bound that costs nothing, which no
+        # choice of blocks can beat. A decode's block or two is cheaper to place than to bound.
+        if extra > 32 and not self.memory.fits(self.blocks.least_high_water_after(extra), tokens + n, allowance):
+            return False
         # Blocks that keep cached prefixes alive first; if they would pin a mapped KV tail the step needs
         # for itself, the lowest free blocks instead.
         for compact in (False, True):
