@@ -499,3 +499,28 @@ def test_tiny_budgets_with_borrowing_refuse_or_finish(seed):
         step += 1
     assert finished == set(ids)  # (seed 79's static KV pool holds no chunk: every request is refused)
     assert_pool_empty(llm)
+
+
+@pytest.mark.parametrize("case", ["block larger than a step", "static pool borrowed"])
+def test_prompts_that_can_start_are_not_refused(case):
+    """add_request's check for a prompt that could never start must not refuse one that can (a review found
+    both): a block larger than max_num_batched_tokens (the smallest first step is the step limit, not a
+    block), and static mode's fixed KV pool, which is on the device even when idle and may be borrowed."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256)).eval()
+    if case == "block larger than a step":
+        args = dict(mode="elastic", block_size=16, max_num_batched_tokens=8, chunk_bytes=16 << 10,
+                    budget_bytes=160 << 10)
+    else:
+        args = dict(mode="static", preemption="borrow", block_size=4, max_num_batched_tokens=16, chunk_bytes=4 << 10,
+                    budget_bytes=160 << 10, host_budget_bytes=512 << 10, enable_prefix_caching=False)
+    llm = LLM(model, max_model_len=256, **args)
+    length = 105 if case == "block larger than a step" else (llm.memory.static_blocks + 4) * 4  # past the pool
+    prompt = [i * 5 % 128 for i in range(length)]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    roomy = LLM(model, budget_bytes=8 * MB, max_model_len=256)
+    assert out[0].token_ids == roomy.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                                              use_tqdm=False)[0].token_ids
+    assert_pool_empty(llm)

@@ -159,7 +159,7 @@ class LLM:
         if not self.scheduler.chunked_prefill and len(ids) > self.scheduler.max_batched_tokens:
             raise ValueError(f"prompt of {len(ids)} tokens exceeds max_num_batched_tokens "
                              f"{self.scheduler.max_batched_tokens} with chunked prefill off")
-        first = min(len(ids), self.blocks.block_size) if self.scheduler.chunked_prefill else len(ids)
+        first = self.scheduler.smallest_first_step(len(ids))
         if not self.memory.fits_alone(self.blocks.blocks_for(len(ids)), first):  # a prompt is admitted whole
             raise ValueError(f"the budget cannot hold this prompt's KV blocks ({len(ids)} tokens) beside its first "
                              f"step's activations ({first} tokens), even with nothing else running")

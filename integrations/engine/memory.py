@@ -189,10 +189,11 @@ class Memory:
 
     def fits_alone(self, blocks, num_tokens):
         """Could a request's first step, num_tokens tokens with `blocks` KV blocks mapped, run with nothing
-        else in the pool? Borrowing cannot help it: it moves KV already on the device, and there is none."""
-        if self.mode == "static":
+        else in the pool? Borrowing moves KV already on the device: in elastic mode there is none yet."""
+        if self.mode == "static":  # its fixed KV pool is on the device even when idle: that may be borrowed
             kv_bytes = self.kv.bytes_for(max(blocks, self.static_blocks))
-            return kv_bytes + self.peak_activation_bytes <= self.pool.budget_bytes
+            borrowable = min(self.host_budget(), self.kv.bytes_for(self.static_blocks))
+            return kv_bytes + self.peak_activation_bytes <= self.pool.budget_bytes + borrowable
         return self.kv.bytes_for(blocks) + self._step_activation_bytes(num_tokens) <= self.pool.budget_bytes
 
     def max_blocks_alone(self):

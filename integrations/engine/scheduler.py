@@ -72,6 +72,13 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def smallest_first_step(self, num_tokens):
+        """Tokens in the smallest first step of a request with num_tokens to prefill: a chunk halves down to a
+        block's worth, or to what one step may run; with chunked prefill off it runs all of them."""
+        if not self.chunked_prefill:
+            return num_tokens
+        return min(num_tokens, self.blocks.block_size, self.max_batched_tokens)
+
     def _may_chunk(self, seq):
         """Chunked prefill, or a request preempted by recompute whose prompt and generated tokens have
         grown past what one step may run, or fits: in one piece it could never run again."""
@@ -143,10 +150,13 @@ class Scheduler:
         high that the KV cache's mapped tail they pin does not fit the step: then it runs without them."""
         swapped = self.swap.holds(seq)
         held = self.swap.num_computed(seq) if swapped else 0
+        # Blocks for all its tokens up front, as add_request made sure a prompt can have. A request that
+        # recompute has grown past that takes its chunks one by one, borrowing room from its own KV, and
+        # only alone: beside others it would be preempted halfway again and again.
+        whole = self.memory.fits_alone(self.blocks.blocks_for(len(seq)), self.smallest_first_step(len(seq)))
+        if not whole and self.running:
+            return 0, 0
         cached = self.blocks.take_cached(seq)
-        # Blocks for all its tokens up front, as add_request made sure a prompt can have; a request that
-        # recompute has grown past that takes its chunks one by one, borrowing room from its own KV.
-        whole = self.memory.fits_alone(self.blocks.blocks_for(len(seq)), min(len(seq), self.blocks.block_size))
         while True:
             seq.num_computed = max(held, cached)
             n = self._chunk(seq, tokens, prefill_tokens)
