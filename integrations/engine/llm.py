@@ -159,10 +159,10 @@ class LLM:
         if not self.scheduler.chunked_prefill and len(ids) > self.scheduler.max_batched_tokens:
             raise ValueError(f"prompt of {len(ids)} tokens exceeds max_num_batched_tokens "
                              f"{self.scheduler.max_batched_tokens} with chunked prefill off")
-        first = self.scheduler.smallest_first_step(len(ids))
-        if not self.memory.fits_alone(self.blocks.blocks_for(len(ids)), first):  # a prompt is admitted whole
+        if not self.scheduler.fits_whole_alone(len(ids)):
             raise ValueError(f"the budget cannot hold this prompt's KV blocks ({len(ids)} tokens) beside its first "
-                             f"step's activations ({first} tokens), even with nothing else running")
+                             f"step's activations ({self.scheduler.smallest_first_step(len(ids))} tokens), even "
+                             f"with nothing else running")
         for name, slo in (("ttft_slo", ttft_slo), ("tpot_slo", tpot_slo)):
             if slo is not None and not slo > 0:
                 raise ValueError(f"{name} must be > 0 seconds or None, got {slo!r}")

@@ -79,6 +79,11 @@ class Scheduler:
             return num_tokens
         return min(num_tokens, self.blocks.block_size, self.max_batched_tokens)
 
+    def fits_whole_alone(self, num_tokens):
+        """Whether a request of num_tokens tokens could take blocks for all of them, beside its smallest
+        first step, with nothing else running: how a prompt is admitted."""
+        return self.memory.fits_alone(self.blocks.blocks_for(num_tokens), self.smallest_first_step(num_tokens))
+
     def _may_chunk(self, seq):
         """Chunked prefill, or a request preempted by recompute whose prompt and generated tokens have
         grown past what one step may run, or fits: in one piece it could never run again."""
@@ -153,7 +158,7 @@ class Scheduler:
         # Blocks for all its tokens up front, as add_request made sure a prompt can have. A request that
         # recompute has grown past that takes its chunks one by one, borrowing room from its own KV, and
         # only alone: beside others it would be preempted halfway again and again.
-        whole = self.memory.fits_alone(self.blocks.blocks_for(len(seq)), self.smallest_first_step(len(seq)))
+        whole = self.fits_whole_alone(len(seq))
         if not whole and self.running:
             return 0, 0
         cached = self.blocks.take_cached(seq)
