@@ -11,6 +11,12 @@ namespace ellm {
 namespace {
 constexpr size_t kMinBlock = 512;       // PyTorch's rounding for small blocks
 constexpr size_t kSmallMax = 1 << 20;   // PyTorch's small/large boundary
+constexpr size_t kLargeReserve = size_t(1) << 30;  // least address space of a large block
+// A miss that maps new chunks while cached large blocks hold more than this many
+// times the allocated bytes unmaps the stalest of them instead (measured on
+// bench/allocator.py's random trace: 2 to 4 keep most of the hits and a third
+// of the reserved excess; lower costs many more misses).
+constexpr size_t kMaxCacheRatio = 4;
 
 size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
@@ -201,22 +207,30 @@ void* CachingAllocator::take_cached_large(size_t chunks, size_t size, uintptr_t 
   return hand_out_locked(std::move(b));
 }
 
-void CachingAllocator::recycle_cached_large_locked(size_t chunks,
-                                                   std::vector<std::shared_ptr<VirtualTensor>>& to_release) {
+size_t CachingAllocator::cached_large_chunks_locked() const {
   size_t cached = 0;
   for (auto& [key, blocks] : large_)
     for (auto& [n, b] : blocks) cached += n;
-  if (cached < chunks) return;
+  return cached;
+}
+
+void CachingAllocator::recycle_cached_large_locked(size_t chunks,
+                                                   std::vector<std::shared_ptr<VirtualTensor>>& to_release) {
   size_t freed = 0;
-  for (auto& [key, blocks] : large_) {
-    // Largest first: the fewest unmaps for the chunks needed.
-    while (freed < chunks && !blocks.empty()) {
-      auto last = std::prev(blocks.end());
-      freed += last->first;
-      to_release.push_back(last->second->range);
-      blocks.erase(last);
-      segments_ -= 1;
-    }
+  while (freed < chunks) {
+    std::multimap<size_t, std::unique_ptr<Block>>* from = nullptr;
+    std::multimap<size_t, std::unique_ptr<Block>>::iterator pick;
+    for (auto& [key, blocks] : large_)
+      for (auto it = blocks.begin(); it != blocks.end(); ++it)
+        if (!from || it->second->cached_at < pick->second->cached_at) {
+          from = &blocks;
+          pick = it;
+        }
+    if (!from) break;
+    freed += pick->first;
+    to_release.push_back(pick->second->range);
+    from->erase(pick);
+    segments_ -= 1;
   }
   reserved_ -= freed * chunk_;
 }
@@ -246,13 +260,17 @@ void* CachingAllocator::allocate_large(size_t size, uintptr_t stream, Tag tag) {
     std::lock_guard<std::mutex> lock(mu_);
     process_events_locked();
     if (void* p = take_cached_large(chunks, size, stream, tag)) return p;
-    // A miss. Best: a cached block of this stream whose reserved range holds
-    // the request, resized in place (only the difference is mapped or
-    // unmapped). Else, if the cache holds enough chunks, unmap cached blocks
-    // and map their chunks in a new range rather than grow: reserved memory
-    // stays near what is live, for a synchronize on such misses only.
+    // A miss. A cached block of this stream is resized in place (its range
+    // reserves room to grow): only the difference is mapped or unmapped. Where
+    // that needs new chunks while the pool is short or the cache is much larger
+    // than what is live, the stalest cached blocks give theirs back first (no
+    // retry, no one else asked to shrink), so reserved memory stays near what
+    // is live, for a synchronize on such misses only.
     b = take_resizable_locked(chunks, stream, tag);
-    if (!b) recycle_cached_large_locked(chunks, to_release);
+    size_t have = b ? b->capacity / chunk_ : 0, cached = cached_large_chunks_locked();
+    bool pool_short = have < chunks && pool_->free_chunks(Location::Device, tag) < chunks - have;
+    if (have < chunks && cached >= chunks && (pool_short || cached * chunk_ > kMaxCacheRatio * allocated_))
+      recycle_cached_large_locked(chunks - have, to_release);
   }
   for (auto& vt : to_release) vt->release();
   if (b) {
@@ -266,10 +284,13 @@ void* CachingAllocator::allocate_large(size_t size, uintptr_t stream, Tag tag) {
       throw;
     }
   } else {
-    // Reserve address space to the next power of two chunks so that this range
-    // can later serve larger requests in place.
+    // Reserve address space well past the request, so that once cached this
+    // range can serve a larger request in place, mapping only the difference
+    // (as PyTorch's expandable segments grow): address space is cheap, mapped
+    // memory left cached beside a new range is not.
     size_t reserve = 1;
     while (reserve < chunks) reserve *= 2;
+    reserve = std::max(2 * reserve, (kLargeReserve + chunk_ - 1) / chunk_);
     auto range = std::make_shared<VirtualTensor>(pool_, reserve * chunk_, tag);
     range->resize(chunks * chunk_);
     b = std::make_unique<Block>(Block{range->data_ptr(), size, 0, stream, tag, nullptr, range, {}, {}});
@@ -326,6 +347,7 @@ void CachingAllocator::recycle_locked(std::unique_ptr<Block> b) {
     return;
   }
   size_t chunks = b->capacity / chunk_;
+  b->cached_at = ++cache_clock_;
   large_[Key{b->stream, b->tag, 0}].emplace(chunks, std::move(b));
 }
 

@@ -62,6 +62,7 @@ class CachingAllocator {
     std::shared_ptr<VirtualTensor> range;    // large blocks
     std::vector<uintptr_t> other_streams;
     std::vector<uint64_t> events;            // pending before reuse
+    uint64_t cached_at = 0;                  // cache_clock_ when last cached
   };
   struct Slab {
     SmallChunk* chunk;
@@ -92,6 +93,8 @@ class CachingAllocator {
   void* take_cached_large(size_t chunks, size_t size, uintptr_t stream, Tag tag);
   void recycle_locked(std::unique_ptr<Block> b);
   std::unique_ptr<Block> take_resizable_locked(size_t chunks, uintptr_t stream, Tag tag);
+  size_t cached_large_chunks_locked() const;
+  // Unmap cached large blocks, least recently freed first, worth at least `chunks` chunks or all there are.
   void recycle_cached_large_locked(size_t chunks, std::vector<std::shared_ptr<VirtualTensor>>& to_release);
   void process_events_locked();
   // Drop every cached block and empty slab; chunks left without slabs go to
@@ -120,6 +123,7 @@ class CachingAllocator {
   std::map<Key, SlabList> slabs_;                                       // small: slabs by class
   std::map<Key, std::multimap<size_t, std::unique_ptr<Block>>> large_;  // large: cached blocks by chunks
   std::vector<std::unique_ptr<Block>> pending_;                         // freed, waiting on events
+  uint64_t cache_clock_ = 0;  // orders cached large blocks by when they were freed
   // Counters with PyTorch's names (memory_stats()).
   size_t allocated_ = 0, allocated_peak_ = 0, reserved_ = 0, reserved_peak_ = 0;
   size_t allocations_ = 0, segments_ = 0;

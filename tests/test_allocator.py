@@ -283,6 +283,37 @@ def test_large_miss_reuses_cached_chunks_without_retry(stream):
     assert_all_returned()
 
 
+def test_cached_large_block_grows_in_place():
+    configure("64MiB")
+    small = alloc(1 * MiB)
+    free(small)
+    torch_ellm.reset_peak_memory_stats(0)
+    # A request 8x larger than any cached block: the cached range grows, mapping the difference,
+    # rather than a new range beside it (reserved would peak at 9 MiB).
+    big = alloc(8 * MiB)
+    assert big == small
+    assert stats()["reserved_bytes.all.peak"] == 8 * MiB
+    free(big)
+    assert_all_returned()
+
+
+def test_miss_unmaps_the_stalest_cached_blocks_when_the_cache_dwarfs_what_is_live():
+    configure("64MiB")
+    stale, other, recent = alloc(4 * MiB), alloc(4 * MiB), alloc(1 * MiB)
+    for ptr in (stale, other, recent):
+        free(ptr)
+    # Nothing is live and 9 MiB is cached. 2 MiB grows the closest block (1 MiB) by 1 MiB; that
+    # 1 MiB comes from the block freed first, so reserved stays flat instead of growing.
+    ptr = alloc(2 * MiB)
+    assert ptr == recent
+    assert_counters(retries=0, reserved=6 * MiB)
+    again = alloc(4 * MiB)
+    assert again == other  # the one left cached, reused as it is
+    free(ptr)
+    free(again)
+    assert_all_returned()
+
+
 @pytest.mark.parametrize("size", [1000, 3 * MiB], ids=["slab", "large"])
 def test_cached_block_is_reused_on_its_stream_only(size):
     configure("64MiB")
