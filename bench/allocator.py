@@ -7,6 +7,8 @@ CPU (host backend): nanoseconds per alloc/free pair on a seeded mixed-size trace
     ctypes call, torch_ellm_last_error, is measured and reported beside it),
   against glibc malloc/free on the same trace, in the same run, the same two ways.
   Neither side touches the memory it gets: this times bookkeeping and mapping only.
+  Also peak reserved over peak allocated (no glibc figure) on that trace, on the GPU loop's sizes, and
+  on the GPU generate run's allocations recorded on the CPU (a few minutes; seconds with --quick).
 GPU (CUDA only): torch.empty/del loops of several sizes and a transformers generate run, each in
   a fresh subprocess under PyTorch's caching allocator, expandable_segments:True and
   torch_ellm.enable(): time per op, tokens/s, peak reserved over peak allocated.
@@ -168,15 +170,21 @@ class Cpu:
             f()
         return (time.perf_counter_ns() - start) / calls
 
-    def loop_peak_ratio(self):
-        """The GPU loop workload's sizes replayed here: peak reserved over peak allocated."""
+    def peak_ratio(self, events):
+        """Replay [(bytes, id) to allocate, (0, id) to free] from an empty cache: peak reserved over peak
+        allocated, the figure the GPU runs report."""
         self.torch_ellm.empty_cache()
         self.torch_ellm.reset_peak_memory_stats(0)
-        out = ctypes.c_void_p()
-        for size in LOOP_SIZES:
-            for _ in range(100):
-                if self.ellm.torch_ellm_try_alloc(size, 0, None, ctypes.byref(out)) or self.ellm.torch_ellm_try_free(out.value, 0):
-                    raise RuntimeError(self.ellm.torch_ellm_last_error().decode())
+        live, out = {}, ctypes.c_void_p()
+        for size, key in events:
+            failed = (self.ellm.torch_ellm_try_alloc(size, 0, None, ctypes.byref(out)) if size
+                      else self.ellm.torch_ellm_try_free(live.pop(key), 0))
+            if failed:
+                raise RuntimeError(self.ellm.torch_ellm_last_error().decode())
+            if size:
+                live[key] = out.value
+        for ptr in live.values():
+            self.ellm.torch_ellm_try_free(ptr, 0)
         s = self.torch_ellm.memory_stats(0)
         return s["reserved_bytes.all.peak"] / s["allocated_bytes.all.peak"]
 
@@ -201,7 +209,10 @@ def run_cpu(quick):
         cpu.check_empty()
     s = cpu.torch_ellm.memory_stats(0)
     trace_ratio = s["reserved_bytes.all.peak"] / s["allocated_bytes.all.peak"]
-    loop_ratio = cpu.loop_peak_ratio()
+    loop = [size for size in LOOP_SIZES for _ in range(100)]  # each allocated and freed at once
+    loop_ratio = cpu.peak_ratio([(event, i) for i, size in enumerate(loop) for event in (size, 0)])
+    layers, batch, prompt, new = GENERATE_SHAPES[quick]
+    generate_ratio = cpu.peak_ratio(record_generate(layers, batch, prompt, new))
     call = statistics.median(cpu.ctypes_call_ns() for _ in range(repeats))
     med = {f"{path}.{w}": statistics.median(v) for (path, w), v in runs.items()}
     n_alloc = sum(1 for x in cpu.sizes if x)
@@ -215,7 +226,9 @@ def run_cpu(quick):
         "ctypes_call_ns": call,
         "ctypes_minus_two_calls": {w: med[f"ctypes.{w}"] - 2 * call for w in ("ellm", "libc")},
         "ellm_reserved_peak_bytes": s["reserved_bytes.all.peak"], "ellm_allocated_peak_bytes": s["allocated_bytes.all.peak"],
-        "peak_reserved_over_allocated": {"trace": trace_ratio, "gpu_loop_sizes": loop_ratio},
+        "peak_reserved_over_allocated": {"trace": trace_ratio, "gpu_loop_sizes": loop_ratio,
+                                         "generate_recorded_on_cpu": generate_ratio},
+        "generate_shapes": {"layers": layers, "batch": batch, "prompt": prompt, "new": new},
     }
 
 
@@ -233,7 +246,9 @@ def print_cpu(r):
         print(f"{name:34}{ours:12.0f}{libc:12.0f}{ours / libc:8.2f}")
     print(f"one ctypes call (torch_ellm_last_error): {r['ctypes_call_ns']:.0f} ns; "
           f"torch_ellm peak reserved / peak allocated: {r['peak_reserved_over_allocated']['trace']:.2f} on the trace, "
-          f"{r['peak_reserved_over_allocated']['gpu_loop_sizes']:.3f} on the GPU loop's sizes")
+          f"{r['peak_reserved_over_allocated']['gpu_loop_sizes']:.3f} on the GPU loop's sizes, "
+          f"{r['peak_reserved_over_allocated']['generate_recorded_on_cpu']:.4f} on the GPU generate run's "
+          f"allocations recorded on the CPU")
 
 
 # ---------------------------------------------------------------- GPU, in fresh subprocesses
@@ -281,29 +296,76 @@ def loop_workload(torch, quick):
     return {"ns_per_op": ns}
 
 
-def generate_workload(torch, quick):
-    """Llama-3-8B layer shapes with 4 layers (2 in quick mode), bf16, seeded random weights."""
+GENERATE_SHAPES = {True: (2, 4, 128, 32), False: (4, 8, 512, 128)}  # quick: layers, batch, prompt, new tokens
+
+
+def generate_model(torch, layers):
+    """Llama-3-8B layer shapes with few layers, bf16, seeded random weights, on the default device."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                         num_hidden_layers=2 if quick else 4, num_attention_heads=32, num_key_value_heads=8,
-                         pad_token_id=0)
+    config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                         num_attention_heads=32, num_key_value_heads=8, pad_token_id=0)
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).eval()
-    batch, prompt, new = (4, 128, 32) if quick else (8, 512, 128)
-    ids = torch.randint(1, config.vocab_size, (batch, prompt), device="cuda")
+    return LlamaForCausalLM(config).eval()
+
+
+def run_generate(torch, model, batch, prompt, new, device, sync=lambda: None):
+    """A warm-up generate of 8 tokens, then the timed one: (seconds, tokens made)."""
+    ids = torch.randint(1, model.config.vocab_size, (batch, prompt), device=device)
     kwargs = dict(do_sample=False, attention_mask=torch.ones_like(ids), min_new_tokens=new)
     with torch.no_grad():
-        model.generate(ids, max_new_tokens=8, **{**kwargs, "min_new_tokens": 8})  # warm-up
-        torch.cuda.synchronize()
+        model.generate(ids, max_new_tokens=8, **{**kwargs, "min_new_tokens": 8})
+        sync()
         start = time.perf_counter()
         tokens = model.generate(ids, max_new_tokens=new, **kwargs)
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-    made = (tokens.shape[1] - prompt) * batch
+        sync()
+    return time.perf_counter() - start, (tokens.shape[1] - prompt) * batch
+
+
+def generate_workload(torch, quick):
+    layers, batch, prompt, new = GENERATE_SHAPES[quick]
+    with torch.device("cuda"):
+        model = generate_model(torch, layers)
+    seconds, made = run_generate(torch, model, batch, prompt, new, "cuda", torch.cuda.synchronize)
     return {"tokens_per_s": made / seconds, "seconds": seconds, "batch": batch, "prompt": prompt, "new": new}
+
+
+def record_generate(layers, batch, prompt, new):
+    """The GPU generate workload run on the CPU, as the allocations a caching allocator would see: every
+    new storage in order, freed when the last tensor on it dies. [(bytes, id) or (0, id)]. An
+    approximation of the CUDA run (no cuBLAS workspaces; CPU kernels allocate their own scratch)."""
+    import torch
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    events, live = [], {}  # live: storage -> (weak reference, id)
+
+    class Recorder(TorchDispatchMode):
+        def sweep(self):
+            for key in [k for k, (ref, _) in live.items() if ref.expired()]:
+                events.append((0, live.pop(key)[1]))
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.sweep()
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
+                    ref = StorageWeakRef(t.untyped_storage())
+                    if ref.cdata not in live:
+                        live[ref.cdata] = (ref, len(events))
+                        events.append((t.untyped_storage().nbytes(), len(events)))
+            return out
+
+    dtype = torch.get_default_dtype()
+    try:
+        with Recorder() as recorder:
+            run_generate(torch, generate_model(torch, layers), batch, prompt, new, "cpu")
+            recorder.sweep()
+    finally:
+        torch.set_default_dtype(dtype)
+    return events
 
 
 def run_gpu(quick):

@@ -95,6 +95,7 @@ void CachingAllocator::count_alloc_locked(const Block& b, int sign) {
 
 void CachingAllocator::add_reserved_locked(size_t bytes) {
   reserved_ += bytes;
+  most_mapped_ = std::max(most_mapped_, reserved_);
   reserved_peak_ = std::max(reserved_peak_, reserved_);
 }
 
@@ -262,14 +263,17 @@ void* CachingAllocator::allocate_large(size_t size, uintptr_t stream, Tag tag) {
     if (void* p = take_cached_large(chunks, size, stream, tag)) return p;
     // A miss. A cached block of this stream is resized in place (its range
     // reserves room to grow): only the difference is mapped or unmapped. Where
-    // that needs new chunks while the pool is short or the cache is much larger
-    // than what is live, the stalest cached blocks give theirs back first (no
-    // retry, no one else asked to shrink), so reserved memory stays near what
-    // is live, for a synchronize on such misses only.
+    // that needs new chunks while the pool is short, or would map more than
+    // the allocator has had since its cache was last emptied, or the cache is
+    // much larger than what is live, the stalest cached blocks give theirs back
+    // first (no retry, no one else asked to shrink): reserved memory stays near
+    // what is live, for a synchronize on such misses only.
     b = take_resizable_locked(chunks, stream, tag);
     size_t have = b ? b->capacity / chunk_ : 0, cached = cached_large_chunks_locked();
-    bool pool_short = have < chunks && pool_->free_chunks(Location::Device, tag) < chunks - have;
-    if (have < chunks && cached >= chunks && (pool_short || cached * chunk_ > kMaxCacheRatio * allocated_))
+    size_t more = have < chunks ? (chunks - have) * chunk_ : 0;
+    bool pool_short = pool_->free_chunks(Location::Device, tag) * chunk_ < more;
+    bool new_high = reserved_ + more > most_mapped_;
+    if (more && cached >= chunks && (pool_short || new_high || cached * chunk_ > kMaxCacheRatio * allocated_))
       recycle_cached_large_locked(chunks - have, to_release);
   }
   for (auto& vt : to_release) vt->release();
@@ -410,6 +414,7 @@ size_t CachingAllocator::empty_cache_locked(std::vector<std::shared_ptr<VirtualT
     cached.clear();
   }
   reserved_ -= freed;
+  most_mapped_ = reserved_;  // the footprint was given up on purpose: it may grow again from here
   segments_ -= to_release.size() - released;
   return freed;
 }

@@ -124,6 +124,7 @@ class CachingAllocator {
   std::map<Key, std::multimap<size_t, std::unique_ptr<Block>>> large_;  // large: cached blocks by chunks
   std::vector<std::unique_ptr<Block>> pending_;                         // freed, waiting on events
   uint64_t cache_clock_ = 0;  // orders cached large blocks by when they were freed
+  size_t most_mapped_ = 0;    // the most reserved_ has been since the cache was last emptied
   // Counters with PyTorch's names (memory_stats()).
   size_t allocated_ = 0, allocated_peak_ = 0, reserved_ = 0, reserved_peak_ = 0;
   size_t allocations_ = 0, segments_ = 0;
