@@ -269,12 +269,14 @@ void* CachingAllocator::allocate_large(size_t size, uintptr_t stream, Tag tag) {
     // first (no retry, no one else asked to shrink): reserved memory stays near
     // what is live, for a synchronize on such misses only.
     b = take_resizable_locked(chunks, stream, tag);
-    size_t have = b ? b->capacity / chunk_ : 0, cached = cached_large_chunks_locked();
-    size_t more = have < chunks ? (chunks - have) * chunk_ : 0;
-    bool pool_short = pool_->free_chunks(Location::Device, tag) * chunk_ < more;
-    bool new_high = reserved_ + more > most_mapped_;
-    if (more && cached >= chunks && (pool_short || new_high || cached * chunk_ > kMaxCacheRatio * allocated_))
-      recycle_cached_large_locked(chunks - have, to_release);
+    size_t have = b ? b->capacity / chunk_ : 0;
+    if (have < chunks) {
+      size_t more = (chunks - have) * chunk_, cached = cached_large_chunks_locked();
+      bool pool_short = pool_->free_chunks(Location::Device, tag) * chunk_ < more;
+      bool new_high = reserved_ + more > most_mapped_;
+      if (cached >= chunks && (pool_short || new_high || cached * chunk_ > kMaxCacheRatio * allocated_))
+        recycle_cached_large_locked(chunks - have, to_release);
+    }
   }
   for (auto& vt : to_release) vt->release();
   if (b) {
@@ -423,9 +425,7 @@ size_t CachingAllocator::cached_bytes() const {
   std::lock_guard<std::mutex> lock(mu_);
   size_t bytes = 0;
   for (auto& chunk : small_chunks_) bytes += chunk->busy_slabs ? 0 : chunk_;  // a block in use keeps it mapped
-  for (auto& [key, cached] : large_)
-    for (auto& [chunks, b] : cached) bytes += chunks * chunk_;
-  return bytes;
+  return bytes + cached_large_chunks_locked() * chunk_;
 }
 
 size_t CachingAllocator::empty_cache() {

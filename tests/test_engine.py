@@ -519,8 +519,8 @@ def test_prompts_that_can_start_are_not_refused(case):
     llm = LLM(model, max_model_len=256, **args)
     length = 105 if case == "block larger than a step" else (llm.memory.static_blocks + 4) * 4  # past the pool
     prompt = [i * 5 % 128 for i in range(length)]
-    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    out = llm.generate([prompt], params, use_tqdm=False)
     roomy = LLM(model, budget_bytes=8 * MB, max_model_len=256)
-    assert out[0].token_ids == roomy.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
-                                              use_tqdm=False)[0].token_ids
+    assert out[0].token_ids == roomy.generate([prompt], params, use_tqdm=False)[0].token_ids
     assert_pool_empty(llm)
