@@ -168,6 +168,7 @@ PYBIND11_MODULE(_C, m) {
       .def("set_host_budget", &Pool::set_host_budget, release_gil())
       .def_property_readonly("budget_bytes", &Pool::budget)
       .def_property_readonly("host_budget_bytes", &Pool::host_budget)
+      .def("borrow", &Pool::borrow, release_gil())
       .def("return_borrowed", &Pool::return_borrowed, release_gil())
       .def("stats", &Pool::stats, release_gil())
       .def("releasable_bytes", &Pool::releasable_bytes, release_gil())

@@ -127,6 +127,9 @@ class Pool : public std::enable_shared_from_this<Pool> {
   uintptr_t alloc_host_buffer(size_t& bytes, Tag tag, bool optional = false);
   void free_host_buffer(uintptr_t addr, size_t bytes, Tag tag);
 
+  // Move about want_bytes of the coldest borrowable tensors' chunks to host
+  // memory (what a short pool does by itself); returns the bytes moved.
+  size_t borrow(size_t want_bytes);
   // Bring borrowed chunks back to the device while there is room.
   size_t return_borrowed();
 
@@ -168,7 +171,6 @@ class Pool : public std::enable_shared_from_this<Pool> {
   void drop_cached_buffer_locked(std::multimap<size_t, uintptr_t>::iterator it);
   double now() const;
   size_t deflate(size_t want_bytes);
-  size_t borrow(size_t want_bytes);
   std::vector<Consumer> consumers_copy() const;
   // Live attached tensors (those of borrowable tags only, if asked). Needs mu_.
   std::vector<std::shared_ptr<VirtualTensor>> tensors_locked(bool borrowable_only) const;

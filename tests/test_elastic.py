@@ -87,6 +87,22 @@ def test_borrowing_lets_an_allocation_succeed(host_budget_chunks):
     check_totals(pool, [old, new])
 
 
+def test_borrow_on_request_moves_the_coldest_tensors_front_first():
+    pool = elastic_pool(budget_chunks=8, host_budget_chunks=3)
+    cold, hot, weights = filled(pool, 3 * C, seed=1), filled(pool, 3 * C, seed=2), filled(pool, 2 * C, tag="weights")
+    hot.check()  # touched last: the cold tensor lends first
+    assert pool.borrow(2 * C - 1) == 2 * C  # whole chunks
+    assert cold.vt.chunk_locations() == ["host", "host", "device"] and hot.vt.host_bytes == 0
+    assert pool.borrow(8 * C) == C  # the host budget caps it; weights are not borrowable
+    assert pool.borrowed_bytes == 3 * C and weights.vt.host_bytes == 0
+    with pytest.raises(ValueError, match="nbytes"):
+        pool.borrow(-1)
+    assert pool.return_borrowed() == 3 * C
+    for m in (cold, hot, weights):
+        m.check()
+    check_totals(pool, [cold, hot, weights])
+
+
 def test_both_budgets_exhausted_raise_oom_and_pool_stays_consistent():
     pool = elastic_pool(budget_chunks=8, host_budget_chunks=4)
     old = filled(pool, 8 * C)

@@ -105,12 +105,16 @@ def test_greedy_matches_hf_across_preemption(smollm2, reference, preemption, hos
     assert_pool_empty(llm)
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
+def small_llama(max_position_embeddings=128):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings)
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return small_llama()
 
 
 def tiny_engine(model, **kwargs):

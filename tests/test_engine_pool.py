@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import torch_ellm
-from test_engine import GREEDY, MB, PROMPTS, one_thread, reference, smollm2_engine  # noqa: F401
+from torch_ellm.integrations.engine.llm import LLM
+from torch_ellm.integrations.engine.sampling_params import SamplingParams
+from test_engine import GREEDY, MB, PROMPTS, one_thread, reference, small_llama, smollm2_engine  # noqa: F401
 
 
 def shared_pool():
@@ -54,3 +56,66 @@ def test_activations_in_pool_are_kept_free_of_kv_not_charged(smollm2, reference,
     assert max(s["activation_bytes"] for s in llm.metrics.steps) == 0
     llm.close()
     assert pool.policy["keep_free_bytes"] == 0 and pool.stats()["mapped_device_bytes"] == 0
+
+
+def test_requests_that_other_tenants_leave_no_room_for_are_refused_or_wait(smollm2, reference):
+    pool = shared_pool()
+    other = pool.virtual_tensor(62 * MB, tag="weights")
+    llm = smollm2_engine(smollm2, mode="elastic", pool=pool)
+    other.resize(62 * MB)
+    with pytest.raises(ValueError, match="held by the pool's other tenants"):
+        llm.add_request(PROMPTS[0], GREEDY)
+    other.resize(0)
+    first = llm.add_request(PROMPTS[0], GREEDY)
+    other.resize(62 * MB)  # the tenant grows after admission: the request waits, nothing is lost
+    with pytest.raises(torch.OutOfMemoryError, match="requests stay queued"):
+        llm.step()
+    other.resize(8 * MB)
+    rest = [llm.add_request(p, GREEDY) for p in PROMPTS[1:]]
+    outputs = {}
+    while llm.has_unfinished_requests():
+        outputs.update((o.request_id, o.token_ids) for o in llm.step())
+    assert [outputs[i] for i in [first] + rest] == reference
+    assert max(s["device_bytes"] for s in llm.metrics.steps) <= pool.budget_bytes
+    llm.close()
+    assert pool.stats()["mapped_device_bytes"] == 8 * MB
+
+
+def test_static_mode_refuses_a_pool_whose_tenants_leave_no_room_for_activations(smollm2):
+    pool = shared_pool()
+    other = pool.virtual_tensor(63 * MB + (512 << 10), tag="weights")
+    other.resize(63 * MB + (512 << 10))
+    with pytest.raises(ValueError, match="other tenants"):
+        smollm2_engine(smollm2, mode="static", pool=pool)
+    assert pool.stats()["mapped_device_bytes"] == other.mapped_bytes  # the failed engine left nothing
+
+
+@pytest.mark.parametrize("mode", ["static", "elastic"])
+@pytest.mark.parametrize("activations_in_pool", [False, True])
+def test_keep_free_bytes_preset_on_the_pool_stays_free_of_the_engine(smollm2, reference, mode, activations_in_pool):
+    pool = shared_pool()
+    kept = 58 * MB  # leaves less than the 8.5 MB this batch maps in elastic mode with the whole pool
+    pool.set_policy(keep_free_bytes=kept)
+    llm = smollm2_engine(smollm2, mode=mode, pool=pool, activations_in_pool=activations_in_pool)
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in outs] == reference
+    assert max(s["device_bytes"] for s in llm.metrics.steps) <= pool.budget_bytes - kept
+    llm.close()
+    assert pool.policy["keep_free_bytes"] == kept and pool.stats()["mapped_device_bytes"] == 0
+
+
+def test_borrowing_with_activations_in_pool_moves_kv_before_the_step_grows_it():
+    """The KV layer being grown lends none of its own chunks, and keep_free shuts the KV out of the
+    step's headroom: a step that fits only by borrowing must borrow before either happens."""
+    model, chunk, outputs = small_llama(512), 64 << 10, {}
+    for activations_in_pool in (False, True):
+        pool = torch_ellm.Pool("host", budget_bytes=7 * chunk, host_budget_bytes=4 * chunk, chunk_bytes=chunk)
+        llm = LLM(model, pool=pool, mode="elastic", preemption="borrow", activations_in_pool=activations_in_pool,
+                  block_size=16, max_num_batched_tokens=64, max_model_len=512)
+        prompts = [[i % 128 for i in range(256)], [(7 + i) % 128 for i in range(288)]]
+        params = [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0) for n in (32, 1)]
+        outputs[activations_in_pool] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert llm.metrics.summary()["peak_borrowed_bytes"] > 0
+        llm.close()
+        assert pool.stats()["mapped_device_bytes"] == 0 and pool.borrowed_bytes == 0
+    assert outputs[True] == outputs[False] and len(outputs[True][0]) == 32

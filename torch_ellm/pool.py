@@ -165,6 +165,12 @@ class Pool:
     def set_host_budget(self, host_budget_bytes):
         self._pool.set_host_budget(parse_bytes(host_budget_bytes, "host_budget_bytes"))
 
+    def borrow(self, nbytes):
+        """Move about nbytes of the coldest borrowable tensors' chunks to host memory now, as a short pool
+        does by itself; returns the bytes moved (0 with no host budget or a parking host tier). A
+        caller that knows it is about to grow a tensor borrows first: a growing tensor lends nothing."""
+        return self._pool.borrow(parse_bytes(nbytes, "nbytes"))
+
     def return_borrowed(self):
         """Move borrowed chunks back to the device while the budget has room; returns bytes moved."""
         return self._pool.return_borrowed()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 import torch_ellm
+from torch_ellm.errors import OutOfMemoryError
 from torch_ellm.pool import Pool
 from .block_manager import BlockManager
 from .kv_cache import KVCache
@@ -154,13 +155,13 @@ class LLM:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
                              f"max_model_len {self.max_model_len}")
         if self.blocks.blocks_for(total) > self.memory.max_blocks_alone():
-            raise ValueError(f"{total} tokens need {self.blocks.blocks_for(total)} KV blocks but the budget holds "
-                             f"at most {self.memory.max_blocks_alone()} for one request")
+            raise ValueError(f"{total} tokens need {self.blocks.blocks_for(total)} KV blocks but "
+                             f"{self.memory.budget_text()} holds at most {self.memory.max_blocks_alone()} for one request")
         if not self.scheduler.chunked_prefill and len(ids) > self.scheduler.max_batched_tokens:
             raise ValueError(f"prompt of {len(ids)} tokens exceeds max_num_batched_tokens "
                              f"{self.scheduler.max_batched_tokens} with chunked prefill off")
         if not self.scheduler.fits_whole_alone(len(ids)):
-            raise ValueError(f"the budget cannot hold this prompt's KV blocks ({len(ids)} tokens) beside its first "
+            raise ValueError(f"{self.memory.budget_text()} cannot hold this prompt's KV blocks ({len(ids)} tokens) beside its first "
                              f"step's activations ({self.scheduler.smallest_first_step(len(ids))} tokens), even "
                              f"with nothing else running")
         for name, slo in (("ttft_slo", ttft_slo), ("tpot_slo", tpot_slo)):
@@ -205,7 +206,8 @@ class LLM:
         chunks = self.scheduler.schedule()
         if not chunks:
             if self.scheduler.has_work():
-                raise RuntimeError("no waiting request fits the budget although none is running")
+                raise OutOfMemoryError(f"no waiting request fits {self.memory.budget_text()} although none of "
+                                       f"this engine's is running; the requests stay queued")
             return []
         work = step_work(chunks)
         copies = self.swap.swap_in(self.scheduler.swapped_in)

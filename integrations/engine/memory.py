@@ -106,8 +106,12 @@ class Memory:
 
     activations_in_pool: the step's activations really come from this pool (CUDA under enable(), the
     engine on the allocator's pool). They are then not charged; instead the pool's policy keeps their
-    bytes free of KV (keep_free_bytes: the step's need in elastic mode, the peak in static mode), and
-    the allocator's cached free blocks count as room, since the pool empties that cache first."""
+    bytes free of KV (keep_free_bytes: the step's need in elastic mode, the peak in static mode).
+
+    The pool may be shared. What other tenants map (weights, the caller's tensors) is not the engine's
+    to use, what the pool's consumers would give back when asked (the allocator's cached blocks) is, and
+    a keep_free_bytes the pool has when the engine is made stays kept free for others, on top of the
+    engine's own headroom."""
 
     def __init__(self, pool, kv_cache, profile, mode, max_batched_tokens, activations_in_pool=False, borrow=False):
         if mode not in ("static", "elastic"):
@@ -115,24 +119,44 @@ class Memory:
         self.pool, self.kv, self.profile, self.mode = pool, kv_cache, profile, mode
         self.external = activations_in_pool
         self.borrow = borrow  # whether a step may run with some of its KV borrowed to host memory
-        self.keep_free_before = pool.policy["keep_free_bytes"]
+        self.kept_for_others = pool.policy["keep_free_bytes"]
         self.peak_activation_bytes = _round_up(profile.bytes_for(max_batched_tokens), pool.chunk_bytes)
         self.activations = pool.virtual_tensor(max(self.peak_activation_bytes, pool.chunk_bytes), tag="activations")
         self.static_blocks = 0
         if mode == "static":
-            if self.peak_activation_bytes > pool.budget_bytes:
-                raise ValueError(f"budget {pool.budget_bytes} B cannot hold the activation peak "
+            if self.peak_activation_bytes > self.room_alone():
+                raise ValueError(f"{self.budget_text()} cannot hold the activation peak "
                                  f"{self.peak_activation_bytes} B of {max_batched_tokens} batched tokens")
             if self.external:
-                pool.set_policy(keep_free_bytes=self.peak_activation_bytes)
+                pool.set_policy(keep_free_bytes=self.kept_for_others + self.peak_activation_bytes)
             else:
                 self.activations.resize(self.peak_activation_bytes)
             self.static_blocks = self._blocks_within(self.device_room() - self._headroom(max_batched_tokens))
             kv_cache.resize(self.static_blocks)
 
     def device_room(self):
-        room = self.pool.budget_bytes - self.pool.mapped_device_bytes
-        return room + self.pool.releasable_bytes() if self.external else room
+        """Device bytes the engine may still map now."""
+        return self._usable_budget() - self.pool.mapped_device_bytes + self.pool.releasable_bytes()
+
+    def _usable_budget(self):
+        """The budget less what the pool keeps free for others (the pool keeps whole chunks)."""
+        return self.pool.budget_bytes - _round_up(self.kept_for_others, self.pool.chunk_bytes)
+
+    def others_bytes(self):
+        """Device bytes the pool's other tenants hold that its consumers would not give back."""
+        own = self.kv.device_bytes + self.activations.mapped_bytes
+        return max(0, self.pool.mapped_device_bytes - own - self.pool.releasable_bytes())
+
+    def room_alone(self):
+        """Device bytes the engine would have with none of its requests running."""
+        return self._usable_budget() - self.others_bytes()
+
+    def budget_text(self):
+        """The budget and what others take of it, for error messages."""
+        taken = [f"{n} B {what}" for n, what in ((self.others_bytes(), "held by the pool's other tenants"),
+                                                  (self.pool.budget_bytes - self._usable_budget(), "kept free for others"))
+                 if n]
+        return f"the budget of {self.pool.budget_bytes} B" + (f" ({', '.join(taken)})" if taken else "")
 
     def _headroom(self, num_tokens):
         """Bytes a step's uncharged activations will take from the pool while it runs."""
@@ -161,6 +185,11 @@ class Memory:
         drops below its fixed pool."""
         return high_water if self.mode == "elastic" else max(high_water, self.static_blocks)
 
+    def _kv_growth(self, num_blocks):
+        """Device bytes the KV cache takes (or frees: negative) resizing to num_blocks. Unmapping frees
+        device memory only where the KV is on the device, not borrowed."""
+        return max(self.kv.bytes_to_resize(num_blocks), -self.kv.device_bytes)
+
     def _step_activation_bytes(self, num_tokens):
         return _round_up(self.profile.bytes_for(num_tokens), self.pool.chunk_bytes)
 
@@ -177,9 +206,7 @@ class Memory:
         """Would a step with num_tokens tokens whose KV reaches block high_water fit, borrowing at most
         host_allowance bytes of host memory? Borrowing moves KV already on the device, so it frees no
         more than that."""
-        kv_growth = self.kv.bytes_to_resize(self._kv_blocks(high_water))
-        if kv_growth < 0:  # unmapping frees device memory only where the KV is on the device, not borrowed
-            kv_growth = max(kv_growth, -self.kv.device_bytes)
+        kv_growth = self._kv_growth(self._kv_blocks(high_water))
         need = kv_growth + self._activation_growth(num_tokens) + self._headroom(num_tokens)
         room = self.device_room()
         if need <= room or host_allowance <= 0:
@@ -193,13 +220,13 @@ class Memory:
         if self.mode == "static":  # its fixed KV pool is on the device even when idle: that may be borrowed
             kv_bytes = self.kv.bytes_for(max(blocks, self.static_blocks))
             borrowable = min(self.host_budget(), self.kv.bytes_for(self.static_blocks))
-            return kv_bytes + self.peak_activation_bytes <= self.pool.budget_bytes + borrowable
-        return self.kv.bytes_for(blocks) + self._step_activation_bytes(num_tokens) <= self.pool.budget_bytes
+            return kv_bytes + self.peak_activation_bytes <= self.room_alone() + borrowable
+        return self.kv.bytes_for(blocks) + self._step_activation_bytes(num_tokens) <= self.room_alone()
 
     def max_blocks_alone(self):
         """The most KV blocks one request could ever hold (all others gone, the host budget borrowed)."""
         static = self.mode == "static"
-        room = self.host_budget() + (0 if static else self.pool.budget_bytes - self.peak_activation_bytes)
+        room = self.host_budget() + (0 if static else self.room_alone() - self.peak_activation_bytes)
         chunks_per_layer = max(0, room) // (len(self.kv.layers) * self.pool.chunk_bytes)
         base = self.static_blocks if static else 0
         return min(self.kv.max_blocks, base + chunks_per_layer * self.pool.chunk_bytes // self.kv.block_bytes)
@@ -220,8 +247,14 @@ class Memory:
                 kv_blocks, act = lazy_kv, lazy_act
             if act < held:
                 self.activations.resize(act)  # shrink before the KV grows into the room
-            if self.external:
-                self.pool.set_policy(keep_free_bytes=headroom)
+        # A step fits() allowed host memory for borrows it here, before anything grows: a KV layer being
+        # resized lends none of its own chunks, and keep_free below shuts the KV out of the headroom.
+        act_growth = act - self.activations.mapped_bytes if self.mode == "elastic" else 0
+        short = self._kv_growth(kv_blocks) + act_growth + headroom - self.device_room()
+        if short > 0:
+            self.pool.borrow(short)
+        if self.mode == "elastic" and self.external:
+            self.pool.set_policy(keep_free_bytes=self.kept_for_others + headroom)
         self.kv.resize(kv_blocks)
         if self.mode == "elastic":
             self.activations.resize(act)
@@ -234,7 +267,7 @@ class Memory:
             if self.mode == "elastic":
                 self.activations.resize(0)
                 if self.external:
-                    self.pool.set_policy(keep_free_bytes=self.keep_free_before)
+                    self.pool.set_policy(keep_free_bytes=self.kept_for_others)
             self.kv.resize(self._kv_blocks(high_water))
         if self.pool.borrowed_bytes:
             self.pool.return_borrowed()
@@ -243,4 +276,4 @@ class Memory:
         self.activations.release()
         self.kv.release()
         if self.external:
-            self.pool.set_policy(keep_free_bytes=self.keep_free_before)
+            self.pool.set_policy(keep_free_bytes=self.kept_for_others)
