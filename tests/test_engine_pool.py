@@ -119,3 +119,53 @@ def test_borrowing_with_activations_in_pool_moves_kv_before_the_step_grows_it():
         llm.close()
         assert pool.stats()["mapped_device_bytes"] == 0 and pool.borrowed_bytes == 0
     assert outputs[True] == outputs[False] and len(outputs[True][0]) == 32
+
+
+def test_a_request_crowded_out_while_running_alone_waits_with_its_kv_instead_of_preempting_itself():
+    """A tenant grows while one request decodes; its next block no longer fits even alone. Preempting
+    itself and prefilling again would loop forever: step() raises, and once the tenant shrinks the
+    request goes on from where it was."""
+    model, chunk = small_llama(512), 64 << 10
+    prompt, params = [i % 128 for i in range(95)], SamplingParams(max_tokens=165, ignore_eos=True, temperature=0)
+    outputs = []
+    for crowd in (False, True):
+        pool = torch_ellm.Pool("host", budget_bytes=5 * chunk, host_budget_bytes=23 * chunk, chunk_bytes=chunk)
+        llm = LLM(model, pool=pool, mode="elastic", preemption="borrow", activations_in_pool=True, block_size=16,
+                  max_num_batched_tokens=128, max_model_len=512)
+        request_id = llm.add_request(prompt, params)
+        tenant = pool.virtual_tensor(chunk, tag="other")
+        tokens, steps = [], 0
+        while llm.has_unfinished_requests():
+            if crowd and steps == 3:
+                tenant.resize(chunk)
+            try:
+                tokens += [t for o in llm.step() for t in o.new_token_ids]
+            except torch.OutOfMemoryError as e:
+                assert crowd and "stay queued" in str(e) and "other tenants" in str(e)
+                assert llm.scheduler.num_preemptions == 0 and 256 <= len(llm.scheduler.running[0]) <= 257
+                tenant.resize(0)
+            steps += 1
+        assert len(llm.metrics.requests) == 1 and llm.metrics.requests[0]["preemptions"] == 0
+        outputs.append(tokens)
+        tenant.release()
+        llm.close()
+        assert pool.stats()["mapped_device_bytes"] == 0 and request_id == 0
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 165
+
+
+def test_static_kv_the_pool_borrowed_for_a_later_tenant_still_serves():
+    """A tenant made after a static engine pushes part of its fixed KV pool to host memory: requests are
+    still accepted (that KV is read in place) and come out as without the tenant."""
+    model, chunk = small_llama(512), 64 << 10
+    prompt, params = [i % 128 for i in range(20)], SamplingParams(max_tokens=10, ignore_eos=True, temperature=0)
+    outputs = []
+    for tenant_chunks in (0, 4):
+        pool = torch_ellm.Pool("host", budget_bytes=12 * chunk, host_budget_bytes=12 * chunk, chunk_bytes=chunk)
+        llm = LLM(model, pool=pool, mode="static", block_size=8, max_num_batched_tokens=16, max_model_len=256)
+        tenant = pool.virtual_tensor(4 * chunk, tag="other")
+        tenant.resize(tenant_chunks * chunk)
+        assert (llm.kv_cache.host_bytes > 0) == bool(tenant_chunks)
+        outputs.append(llm.generate([prompt], params, use_tqdm=False)[0].token_ids)
+        llm.close()
+        tenant.release()
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 10

@@ -71,12 +71,45 @@ def observe(policy, seconds, work, decoding, waiting, now):
 
 def test_prefill_fills_the_step_up_to_the_tightest_tpot_target():
     policy = fitted_policy()
-    running = [decoding(first_token_time=1.0) for _ in range(3)] + [decoding(first_token_time=1.0, tpot_slo=0.02)]
+    running = [decoding(first_token_time=1.0, outputs=1) for _ in range(3)]
+    running += [decoding(first_token_time=1.0, outputs=1, tpot_slo=0.02)]
     queue = [request(5000, arrival=1.0)]
     # 0.8 * 10 ms = 1 ms fixed + 50 us for each of the 4 decodes and each prefill token
     assert policy.prefill_tokens(512, running, queue, now=1.0) == (0.008 - 0.001) / 5e-5 - 4
-    tight = [decoding(first_token_time=1.0, tpot_slo=0.0001)]
+    tight = [decoding(first_token_time=1.0, outputs=1, tpot_slo=0.0012)]  # met alone, with no slack to spare
     assert policy.prefill_tokens(512, tight, queue, now=1.0) == 16  # always some progress
+
+
+def test_a_decode_ahead_of_its_target_lets_more_prefill_in_and_one_that_cannot_meet_it_none():
+    policy, queue = fitted_policy(), [request(5000, arrival=1.0)]
+    fresh = policy.prefill_tokens(512, [decoding(first_token_time=1.0, outputs=1)], queue, now=1.0)
+    # 10 tokens in no time: 19 * 10 ms for the last 10, 19 ms a step; 0.8 of it = 1 ms + 50 us a token
+    ahead = policy.prefill_tokens(512, [decoding(first_token_time=1.0, outputs=10)], queue, now=1.0)
+    assert fresh == round((0.008 - 0.001) / 5e-5) - 1 and ahead == int((0.8 * 0.019 - 0.001) / 5e-5) - 1
+    behind = decoding(first_token_time=1.0, outputs=2)  # 18 tokens left in 10 ms: less than a decode takes
+    assert policy.prefill_tokens(512, [behind], queue, now=1.18) == 512
+
+
+@pytest.mark.parametrize("due, full_step", [(0.045, True), (0.05, False)])
+def test_prefill_takes_the_whole_step_when_that_saves_more_first_tokens_than_decodes_it_costs(due, full_step):
+    """One decode allows 139 prefill tokens a 8 ms step. Eight 100-token prompts due in 45 ms: at that
+    pace the last two miss (6 steps, 48 ms); in whole steps they make it (1 ms + 50 us a token, 36 and
+    41 ms). Two first tokens saved outweigh one decode's TPOT. Due in 50 ms, none is lost: keep the pace."""
+    policy = fitted_policy()
+    prompts = [request(100, ttft_slo=due, arrival=1.0) for _ in range(8)]
+    room = policy.prefill_tokens(1024, [decoding(first_token_time=1.0, outputs=1)], prompts, now=1.0)
+    assert room == (1024 if full_step else 139)
+
+
+def test_batch_is_as_large_as_the_model_predicts_decodes_within_the_tpot_target():
+    policy = fitted_policy()
+    running = [decoding(first_token_time=1.0, tpot_slo=0.00165) for _ in range(3)]
+    queue = [request(20, arrival=1.0) for _ in range(20)]
+    assert policy.max_running(64, running, queue) == 6  # 0.8 * 1.65 ms = 1 ms + 50 us * 6.4
+    assert policy.max_running(4, running, queue) == 4
+    assert policy.max_running(64, [], queue) == len(queue)  # their 10 ms targets hold them all
+    policy.batch_cap = 2
+    assert policy.max_running(64, [], []) == 2  # nothing to judge by: the cap
 
 
 def test_prefill_budget_falls_back_without_model_or_decodes_at_stake():
@@ -87,7 +120,7 @@ def test_prefill_budget_falls_back_without_model_or_decodes_at_stake():
     policy = fitted_policy()
     policy.prefill_budget = 256
     late = decoding(first_token_time=5.0)  # first token after its 1 s TTFT target: lost anyway
-    assert policy.prefill_tokens(512, [late], queue, now=6.0) == 256
+    assert policy.prefill_tokens(512, [late], queue, now=6.0) == 512  # the halved budget was a stand-in
 
 
 def test_slow_steps_with_prefill_are_tpot_breaches_only_if_their_decodes_alone_are_too_slow():

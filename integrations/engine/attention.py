@@ -40,16 +40,17 @@ def build_layout(chunks, block_size, gather_limit, device):
     prefills, slots, decodes = [], [], []
     start = 0
     for seq, n in chunks:
-        table = torch.tensor(seq.block_table, dtype=torch.long)
-        positions = torch.arange(seq.num_computed, seq.num_computed + n)
-        slots.append(table[positions // block_size] * block_size + positions % block_size)
+        table = seq.block_table
+        # Python lists, one tensor at the end: a decode's slot is cheaper computed than a tensor made.
+        slots.extend(table[p // block_size] * block_size + p % block_size
+                     for p in range(seq.num_computed, seq.num_computed + n))
         ctx = seq.num_computed + n
         if is_decode(seq, n):
             decodes.append((table, ctx))
         else:
             if decodes:
                 raise ValueError("prefill chunks must come before decodes in a step")
-            prefills.append((start, n, ctx, table.to(device)))
+            prefills.append((start, n, ctx, torch.tensor(table, dtype=torch.long, device=device)))
         start += n
     groups = []
     first = start - len(decodes)
@@ -57,14 +58,12 @@ def build_layout(chunks, block_size, gather_limit, device):
         width = max(len(t) for t, _ in decodes)
         size = max(1, gather_limit // (width * block_size))
         group, decodes = decodes[:size], decodes[size:]
-        tables = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros(len(group), 1, 1, width * block_size, dtype=torch.bool)
-        for i, (table, ctx) in enumerate(group):
-            tables[i, :len(table)] = table
-            mask[i, ..., :ctx] = True
-        groups.append((first, tables.to(device), mask.to(device)))
+        tables = torch.tensor([t + [0] * (width - len(t)) for t, _ in group], dtype=torch.long, device=device)
+        contexts = torch.tensor([ctx for _, ctx in group], device=device)
+        mask = (torch.arange(width * block_size, device=device) < contexts[:, None]).view(len(group), 1, 1, -1)
+        groups.append((first, tables, mask))
         first += len(group)
-    return StepLayout(prefills, groups, torch.cat(slots).to(device))
+    return StepLayout(prefills, groups, torch.tensor(slots, dtype=torch.long, device=device))
 
 
 def paged_attention(q, cache, layout, scale):

@@ -16,7 +16,7 @@ from .memory import ActivationProfile, Memory
 from .metrics import RunMetrics, request_metrics
 from .model_runner import ModelRunner
 from .policy import FCFSPolicy, SLOPolicy
-from .sampling_params import SamplingParams, sample
+from .sampling_params import SamplingParams, sample_rows
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
 from .step_cost import StepCost, step_work
@@ -75,6 +75,8 @@ class LLM:
         self.max_model_len = min(max_model_len or 2048, model.config.max_position_embeddings)
         runner = ModelRunner(model, self.max_model_len)
         self.runner = runner
+        eos = runner.config.eos_token_id
+        self._eos = set(eos if isinstance(eos, list) else [eos])
         device = runner.device
         backend = "cuda" if device.type == "cuda" else "host"
         if pool is None and backend == "cuda" and torch_ellm.is_enabled():
@@ -206,8 +208,8 @@ class LLM:
         chunks = self.scheduler.schedule()
         if not chunks:
             if self.scheduler.has_work():
-                raise OutOfMemoryError(f"no waiting request fits {self.memory.budget_text()} although none of "
-                                       f"this engine's is running; the requests stay queued")
+                raise OutOfMemoryError(f"no request can take a step within {self.memory.budget_text()} even "
+                                       f"alone; the requests stay queued")
             return []
         work = step_work(chunks)
         copies = self.swap.swap_in(self.scheduler.swapped_in)
@@ -226,15 +228,17 @@ class LLM:
             raise
         copies.finish()
         self.swap.done([seq for seq, _ in self.scheduler.swapped_in], copies)
-        outputs, decode_tokens = [], 0
-        now = time.perf_counter()
-        for (seq, n), row in zip(chunks, logits):
+        for seq, n in chunks:
             seq.num_computed += n
             self.blocks.cache_full_blocks(seq)
-            if seq.num_computed < len(seq):
-                continue  # a prefill chunk with more to come
-            decode_tokens += seq.first_token_time is not None
-            seq.append(sample(row, seq.params, seq.generator), now)
+        # Sequences whose next token is due: all but prefill chunks with more to come.
+        ready = [i for i, (seq, _) in enumerate(chunks) if seq.num_computed == len(seq)]
+        ready_seqs = [chunks[i][0] for i in ready]
+        tokens = sample_rows(logits[ready], ready_seqs)
+        outputs, now = [], time.perf_counter()
+        decode_tokens = sum(seq.first_token_time is not None for seq in ready_seqs)
+        for seq, token in zip(ready_seqs, tokens):
+            seq.append(token, now)
             outputs.append(self._after_token(seq, now))
         if self.runner.device.type == "cuda":  # a step that samples nothing would leave its kernels running into
             torch.cuda.synchronize(self.runner.device)  # the next step's timing (overhead, and the cost model)
@@ -259,9 +263,7 @@ class LLM:
     def _after_token(self, seq, now):
         """Finish seq if it is done; its RequestOutput for this step."""
         token = seq.token_ids[-1]
-        eos = self.runner.config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos])
-        if not seq.params.ignore_eos and token in eos:
+        if not seq.params.ignore_eos and token in self._eos:
             reason = "stop"
         elif len(seq.output_token_ids) >= seq.params.max_tokens or len(seq) >= self.max_model_len:
             reason = "length"

@@ -214,12 +214,17 @@ class Memory:
         on_device = self.kv.device_bytes + min(0, kv_growth)  # KV the step unmaps frees room once, not twice
         return need <= room + min(host_allowance, self.host_room(), on_device)
 
+    def step_bytes(self, num_tokens):
+        """The part of fits() that depends on a step's tokens: two token counts with the same step_bytes
+        fit or not alike (the bytes are whole chunks, so most steps a decode adds to share them)."""
+        return self._activation_bytes(num_tokens) + self._headroom(num_tokens)
+
     def fits_alone(self, blocks, num_tokens):
         """Could a request's first step, num_tokens tokens with `blocks` KV blocks mapped, run with nothing
         else in the pool? Borrowing moves KV already on the device: in elastic mode there is none yet."""
-        if self.mode == "static":  # its fixed KV pool is on the device even when idle: that may be borrowed
-            kv_bytes = self.kv.bytes_for(max(blocks, self.static_blocks))
-            borrowable = min(self.host_budget(), self.kv.bytes_for(self.static_blocks))
+        if self.mode == "static":  # its fixed KV pool is on the device even when idle: that may be borrowed,
+            kv_bytes = self.kv.bytes_for(max(blocks, self.static_blocks))  # or the pool borrowed it already
+            borrowable = max(self.kv.host_bytes, min(self.host_budget(), self.kv.bytes_for(self.static_blocks)))
             return kv_bytes + self.peak_activation_bytes <= self.room_alone() + borrowable
         return self.kv.bytes_for(blocks) + self._step_activation_bytes(num_tokens) <= self.room_alone()
 

@@ -33,8 +33,8 @@ class ModelRunner:
         layout = build_layout(chunks, kv_cache.block_shape[1], self.max_model_len, self.device)
         ids = torch.tensor([t for seq, n in chunks for t in seq.token_ids[seq.num_computed:seq.num_computed + n]],
                            device=self.device)
-        positions = torch.cat([torch.arange(seq.num_computed, seq.num_computed + n) for seq, n in chunks])
-        positions = positions.to(self.device)
+        positions = torch.tensor([p for seq, n in chunks for p in range(seq.num_computed, seq.num_computed + n)],
+                                 device=self.device)
         x = self.inner.embed_tokens(ids)[None]  # [1, tokens, hidden]: HF modules expect a batch dim
         cos, sin = self.inner.rotary_emb(x, positions[None])
         tokens = ids.shape[0]

@@ -12,7 +12,7 @@ class FCFSPolicy:
     def prefill_tokens(self, max_batched_tokens, running, waiting, now):
         return max_batched_tokens
 
-    def max_running(self, max_num_seqs):
+    def max_running(self, max_num_seqs, running, candidates):
         return max_num_seqs
 
     def host_allowance(self, host_budget):
@@ -29,6 +29,14 @@ def _on_time(seq):
     return seq.first_token_time - seq.arrival <= seq.ttft_slo
 
 
+def _step_allowance(seq, now):
+    """Seconds each step decoding seq may take for its mean time per output token to meet its target:
+    what the target leaves for the tokens still to come (max_tokens of them at most), spread over them.
+    A request ahead of its target has time banked."""
+    remaining = max(1, seq.params.max_tokens - len(seq.output_token_ids))
+    return (seq.tpot_slo * (seq.params.max_tokens - 1) - (now - seq.first_token_time)) / remaining
+
+
 def _due(seq):
     return seq.arrival + seq.ttft_slo if seq.ttft_slo is not None else float("inf")
 
@@ -36,11 +44,14 @@ def _due(seq):
 class SLOPolicy:
     """Uses the requests' TTFT/TPOT targets, after eLLM, judged over the last `window` steps.
 
-    - Decode batch cap (how many requests may run at once): when decode-only steps breach the TPOT
-      targets in `breaches` of the last `window` steps it drops to half the decode batch that breached
-      them (multiplicative decrease); every step that meets the tightest TPOT target with `slack` to
-      spare raises it by one (additive increase). On a compute-bound device a step's time grows with
-      its batch.
+    - How many requests may run at once: as many as a cost model fitted online to the recent steps
+      (step_cost.py) predicts decode within `slack` of the tightest TPOT target, our addition: on a
+      compute-bound device a step's time grows with its batch and its contexts. Until the model has
+      seen enough steps, a batch cap stands in: when decode-only steps breach the TPOT targets in
+      `breaches` of the last `window` steps it drops to half the decode batch that breached them
+      (multiplicative decrease); every step that meets the tightest target with `slack` to spare
+      raises it by one (additive increase). Halving stalls admissions for many steps after a burst,
+      which costs TTFT; the model admits what fits at once.
     - Logical host buffer (how much KV may be borrowed): halved on those TPOT breaches, doubled on TTFT
       breaches (more prefills admitted, borrowing rather than queueing).
     - Prefill tokens per step, our addition: while requests that can still meet their TPOT targets are
@@ -76,20 +87,54 @@ class SLOPolicy:
 
     def prefill_tokens(self, max_batched_tokens, running, waiting, now):
         """Prefill tokens the coming step may run beside the decodes of `running`: see the class docstring."""
-        decoders = [s for s in running if s.first_token_time is not None and s.num_uncomputed == 1]
-        targets = [s.tpot_slo for s in decoders if s.tpot_slo is not None and _on_time(s)]
-        if not targets or not self.cost.ready:
+        if not self.cost.ready:
             return self.prefill_budget
+        decoders = [s for s in running if s.first_token_time is not None and s.num_uncomputed == 1]
         decode_pairs = sum(len(s) for s in decoders)  # one new token after len(s) - 1 computed
+        decode_seconds = self.cost.predict(len(decoders), decode_pairs)
+        allowances = [a for a in (_step_allowance(s, now) for s in decoders if s.tpot_slo is not None and _on_time(s))
+                      if a >= decode_seconds]  # the rest cannot meet their targets even with no prefill
+        if not allowances:
+            return max_batched_tokens
+        seconds = self.slack * min(allowances)
         # Running prompts go first, each chunk after its computed tokens: price it at the longest context.
         context = max((s.num_computed for s in running if s.num_uncomputed > 1 or s.first_token_time is None),
                       default=0)
-        room = self.cost.max_prefill(len(decoders), decode_pairs, context, self.slack * min(targets),
-                                     max_batched_tokens)
-        return max(self.min_prefill, room)
+        room = max(self.min_prefill, self.cost.max_prefill(len(decoders), decode_pairs, context, seconds,
+                                                           max_batched_tokens))
+        prompts = [s for s in running if s.first_token_time is None]
+        prompts += [s for s in self.order(waiting, running, now) if s.first_token_time is None and _due(s) >= now]
+        if self._ttft_saved(prompts, room, seconds, max_batched_tokens, now) > len(allowances):
+            return max_batched_tokens  # more prompts meet their TTFT at full speed than decodes lose
+        return room
 
-    def max_running(self, max_num_seqs):
-        return min(self.batch_cap, max_num_seqs)
+    def _ttft_saved(self, prompts, room, step_seconds, max_batched_tokens, now):
+        """How many of prompts (in the order they would run) are predicted to miss their TTFT targets with
+        `room` prefill tokens a step of step_seconds, and to meet them with the whole step for prefill."""
+        saved, tokens, pairs = 0, 0, 0
+        for seq in prompts:
+            n = seq.num_uncomputed
+            tokens, pairs = tokens + n, pairs + n * seq.num_computed + n * (n + 1) // 2
+            throttled = -(-tokens // room) * step_seconds
+            full = -(-tokens // max_batched_tokens) * self.cost.predict(0, 0) + self.cost.extra_seconds(tokens, pairs)
+            saved += now + throttled > _due(seq) >= now + full
+        return saved
+
+    def max_running(self, max_num_seqs, running, candidates):
+        """How many requests may run, given those running and the candidates for admission in order: the
+        most whose decodes the cost model predicts within `slack` of the tightest TPOT target, each one
+        adding a decode token over its context (at least one, so something runs); the batch cap until
+        the model is ready."""
+        targets = [s.tpot_slo for s in running if s.tpot_slo is not None and _on_time(s)]
+        targets += [s.tpot_slo for s in candidates if s.tpot_slo is not None]
+        if not targets or not self.cost.ready:
+            return min(self.batch_cap, max_num_seqs)
+        seconds, count, pairs = self.slack * min(targets), 0, 0
+        for seq in [*running, *candidates][:max_num_seqs]:
+            if count and self.cost.predict(count + 1, pairs + len(seq)) > seconds:
+                break
+            count, pairs = count + 1, pairs + len(seq)
+        return count
 
     def host_allowance(self, host_budget):
         return min(self.host_buffer, host_budget)

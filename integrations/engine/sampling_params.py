@@ -44,3 +44,11 @@ def sample(logits, params, generator=None):
     if generator is not None and generator.device != probs.device:
         probs = probs.cpu()  # a request's seeded generator is a CPU one; one row is cheap to move
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample_rows(logits, seqs):
+    """A token id for each row of logits, sampled as its sequence's params say. The greedy ones come from
+    one argmax over all rows: on a GPU, one copy to the host for the batch instead of one per row."""
+    greedy = logits.argmax(-1).tolist()
+    return [best if seq.params.temperature == 0 else sample(row, seq.params, seq.generator)
+            for row, best, seq in zip(logits, greedy, seqs)]

@@ -22,6 +22,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.swapped_in = []  # this step's admissions whose K/V come back: (seq, leading blocks it found cached)
         self._prefill_budget = max_batched_tokens  # this step's, from the policy
+        self._fitted = None  # (high water, step bytes, allowance) that fit in this step's schedule so far
 
     def add(self, seq):
         self.waiting.append(seq)
@@ -50,16 +51,27 @@ class Scheduler:
         allowance = self._allowance()
         # Many blocks (a long prompt) take a long walk to place: first a bound that costs nothing, which no
         # choice of blocks can beat. A decode's block or two is cheaper to place than to bound.
-        if extra > 32 and not self.memory.fits(self.blocks.least_high_water_after(extra), tokens + n, allowance):
+        if extra > 32 and not self._fits(self.blocks.least_high_water_after(extra), tokens + n, allowance):
             return False
         # Blocks that keep cached prefixes alive first; if they would pin a mapped KV tail the step needs
         # for itself, the lowest free blocks instead.
         for compact in (False, True):
             high_water = self.blocks.high_water_after(extra, compact)
-            if high_water is not None and self.memory.fits(high_water, tokens + n, allowance):
+            if high_water is not None and self._fits(high_water, tokens + n, allowance):
                 self.blocks.grow(seq, seq.num_computed + n, compact)
                 return True
         return False
+
+    def _fits(self, high_water, tokens, allowance):
+        """memory.fits, remembering the last answer that fit: nothing the pool holds changes while a step
+        is scheduled, but preemption (which resets it), and most decodes add no block and no chunk."""
+        key = (high_water, self.memory.step_bytes(tokens), allowance)
+        if key == self._fitted:
+            return True
+        if not self.memory.fits(high_water, tokens, allowance):
+            return False
+        self._fitted = key
+        return True
 
     def _preempt(self, seq):
         swap = self.preemption == "swap" or (self.preemption == "auto" and
@@ -71,6 +83,7 @@ class Scheduler:
         seq.preempt(swapped)
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+        self._fitted = None
 
     def smallest_first_step(self, num_tokens):
         """Tokens in the smallest first step of a request with num_tokens to prefill: a chunk halves down to a
@@ -105,7 +118,7 @@ class Scheduler:
         """The step's (sequence, new tokens) pairs, prefills first; [] when nothing can run."""
         chunks, tokens, prefill_tokens = [], 0, 0
         preemptions = self.num_preemptions
-        self.swapped_in = []
+        self.swapped_in, self._fitted = [], None
         self._prefill_budget = self.policy.prefill_tokens(self.max_batched_tokens, self.running, self.waiting,
                                                           time.perf_counter())
         for seq in list(self.running):
@@ -115,6 +128,10 @@ class Scheduler:
             if n == 0:
                 continue
             while not (taken := self._take(seq, n, tokens)):
+                if self.running == [seq]:
+                    # Alone and still no room (another tenant grew): preempting itself would free only what
+                    # it needs again, over and over. It waits with its KV kept, and step() says why.
+                    break
                 self._preempt(self.running[-1])
                 if seq.status is not Status.RUNNING:
                     break
@@ -127,7 +144,7 @@ class Scheduler:
         # preempted would be readmitted into the room it left, and preempted again next step.
         admit = self.num_preemptions == preemptions or not chunks
         admit = self.policy.order(self.waiting, self.running, time.perf_counter()) if admit else []
-        max_running = self.policy.max_running(self.max_num_seqs)
+        max_running = self.policy.max_running(self.max_num_seqs, self.running, admit)
         for seq in admit:
             if len(self.running) >= max_running:
                 break
