@@ -132,6 +132,7 @@ std::vector<Chunk> Pool::acquire(size_t n, Location where, Tag tag, bool may_def
   std::vector<Chunk> out;
   if (n == 0) return out;
   auto t0 = now();
+  bool deflated = false;
   for (int attempt = 0;; ++attempt) {
     size_t short_chunks;
     {
@@ -148,8 +149,12 @@ std::vector<Chunk> Pool::acquire(size_t n, Location where, Tag tag, bool may_def
     // Short of memory: free what others can spare, then try again. Never
     // from inside a consumer's own shrink (it would ask itself).
     if (where != Location::Device || !may_deflate || deflating || attempt >= 3) break;
+    deflated = true;
     if (deflate(short_chunks * chunk_bytes_) == 0 && attempt > 0) break;
   }
+  // What was borrowed for this request did not make room enough: bring it home while there is room,
+  // rather than leave others' chunks in host memory for nothing.
+  if (deflated) return_borrowed();
   std::lock_guard<std::mutex> lock(mu_);
   // Internal moves (may_deflate false) probe for room: their refusals are not OOMs.
   throw oom_locked(n, where, tag, t0, may_deflate);

@@ -103,6 +103,18 @@ def test_borrow_on_request_moves_the_coldest_tensors_front_first():
     check_totals(pool, [cold, hot, weights])
 
 
+def test_an_allocation_that_fails_after_borrowing_returns_what_it_borrowed():
+    pool = elastic_pool(budget_chunks=4, host_budget_chunks=1)
+    kv = filled(pool, 3 * C)
+    other = Mirror(pool, 3 * C, tag="other")
+    with pytest.raises(torch_ellm.OutOfMemoryError):
+        other.resize(3 * C, torch.Generator().manual_seed(1))  # 2 chunks short; 1 can be borrowed
+    assert pool.borrowed_bytes == 0 and kv.vt.chunk_locations() == ["device"] * 3
+    assert "borrow" in event_kinds(pool) and event_kinds(pool)[-2:] == ["return", "oom"]
+    kv.check()
+    check_totals(pool, [kv, other])
+
+
 def test_both_budgets_exhausted_raise_oom_and_pool_stays_consistent():
     pool = elastic_pool(budget_chunks=8, host_budget_chunks=4)
     old = filled(pool, 8 * C)
