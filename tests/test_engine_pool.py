@@ -121,10 +121,10 @@ def test_borrowing_with_activations_in_pool_moves_kv_before_the_step_grows_it():
     assert outputs[True] == outputs[False] and len(outputs[True][0]) == 32
 
 
-def test_a_request_crowded_out_while_running_alone_waits_with_its_kv_instead_of_preempting_itself():
-    """A tenant grows while one request decodes; its next block no longer fits even alone. Preempting
-    itself and prefilling again would loop forever: step() raises, and once the tenant shrinks the
-    request goes on from where it was."""
+def test_a_request_crowded_out_while_running_alone_waits_instead_of_preempting_itself_for_ever():
+    """A tenant grows while one request decodes; its next block no longer fits even alone. It preempts
+    itself once; prefilling again it gets stuck at the same length, where doing so again would loop for
+    ever: step() raises, and once the tenant shrinks the request goes on from where it was."""
     model, chunk = small_llama(512), 64 << 10
     prompt, params = [i % 128 for i in range(95)], SamplingParams(max_tokens=165, ignore_eos=True, temperature=0)
     outputs = []
@@ -142,10 +142,10 @@ def test_a_request_crowded_out_while_running_alone_waits_with_its_kv_instead_of_
                 tokens += [t for o in llm.step() for t in o.new_token_ids]
             except torch.OutOfMemoryError as e:
                 assert crowd and "stay queued" in str(e) and "other tenants" in str(e)
-                assert llm.scheduler.num_preemptions == 0 and 256 <= len(llm.scheduler.running[0]) <= 257
+                assert llm.scheduler.num_preemptions == 1 and 256 <= len(llm.scheduler.running[0]) <= 257
                 tenant.resize(0)
             steps += 1
-        assert len(llm.metrics.requests) == 1 and llm.metrics.requests[0]["preemptions"] == 0
+        assert len(llm.metrics.requests) == 1 and llm.metrics.requests[0]["preemptions"] == crowd  # once, not for ever
         outputs.append(tokens)
         tenant.release()
         llm.close()
@@ -169,3 +169,43 @@ def test_static_kv_the_pool_borrowed_for_a_later_tenant_still_serves():
         llm.close()
         tenant.release()
     assert outputs[0] == outputs[1] and len(outputs[0]) == 10
+
+
+def test_kv_on_chunks_that_held_nan_decodes_as_on_clean_ones():
+    """Pool chunks come back with a former tenant's bytes. Decodes read whole blocks and mask the slots
+    past each context; a NaN there would still poison the sum, so new KV memory is zeroed."""
+    model, chunk = small_llama(512), 64 << 10
+    prompt, params = [(3 * i + 1) % 128 for i in range(21)], SamplingParams(max_tokens=8, ignore_eos=True, temperature=0)
+    outputs = []
+    for poison in (False, True):
+        pool = torch_ellm.Pool("host", budget_bytes=16 * chunk, chunk_bytes=chunk)
+        tenant = pool.virtual_tensor(16 * chunk, tag="other")
+        tenant.resize(16 * chunk * poison)
+        tenant.as_tensor(16 * chunk * poison // 4, torch.float32).fill_(float("nan"))
+        tenant.release()
+        llm = LLM(model, pool=pool, block_size=16, max_num_batched_tokens=64, max_model_len=256)
+        outputs.append(llm.generate([prompt, prompt[:5]], params, use_tqdm=False))
+        llm.close()
+    assert [o.token_ids for o in outputs[0]] == [o.token_ids for o in outputs[1]]
+
+
+def test_static_growth_past_the_fixed_pool_needs_device_room_beside_the_activation_peak():
+    """A tenant and a keep_free preset leave no device room beside the static activation peak: the fixed
+    KV pool (partly in host memory) still serves, but a request needing blocks past it is refused up front
+    instead of being accepted and never finishing."""
+    model, chunk = small_llama(512), 64 << 10
+    pool = torch_ellm.Pool("host", budget_bytes=10 * chunk, host_budget_bytes=21 * chunk, chunk_bytes=chunk)
+    pool.set_policy(keep_free_bytes=3 * chunk)
+    llm = LLM(model, pool=pool, mode="static", preemption="borrow", activations_in_pool=True, block_size=16,
+              max_num_batched_tokens=32, max_model_len=512)
+    tenant = pool.virtual_tensor(3 * chunk, tag="other")
+    tenant.resize(3 * chunk)
+    assert llm.kv_cache.host_bytes > 0 and llm.memory.max_blocks_alone() == llm.memory.static_blocks
+    fixed_tokens = llm.memory.static_blocks * 16
+    with pytest.raises(ValueError, match="holds at most"):
+        llm.add_request(list(range(100)), SamplingParams(max_tokens=fixed_tokens, ignore_eos=True))
+    out = llm.generate([list(range(100))], SamplingParams(max_tokens=fixed_tokens - 100, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert len(out.token_ids) == fixed_tokens - 100
+    llm.close()
+    tenant.release()

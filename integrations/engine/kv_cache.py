@@ -49,6 +49,11 @@ class KVCache:
         finally:
             self.num_blocks = num_blocks
             self.views = [vt.as_tensor((num_blocks, *self.block_shape), self.dtype) for vt in self.layers]
+        # Pool chunks come back with whatever bytes they held (a tenant's, activations'). Decodes read
+        # whole blocks and mask the slots past each context, but a masked NaN still poisons the sum:
+        # every slot attention can read holds K/V or zeros.
+        for view in self.views:
+            view[old:].zero_()
 
     @property
     def device_bytes(self):

@@ -219,22 +219,33 @@ class Memory:
         fit or not alike (the bytes are whole chunks, so most steps a decode adds to share them)."""
         return self._activation_bytes(num_tokens) + self._headroom(num_tokens)
 
+    def _idle_host_bytes(self):
+        """Host bytes the KV may take with none of the engine's requests running: the borrowing allowance,
+        and in static mode at least what the pool moved there already (the fixed pool stays mapped)."""
+        return self.host_budget() if self.mode == "elastic" else max(self.kv.host_bytes, self.host_budget())
+
     def fits_alone(self, blocks, num_tokens):
         """Could a request's first step, num_tokens tokens with `blocks` KV blocks mapped, run with nothing
         else in the pool? Borrowing moves KV already on the device: in elastic mode there is none yet."""
-        if self.mode == "static":  # its fixed KV pool is on the device even when idle: that may be borrowed,
-            kv_bytes = self.kv.bytes_for(max(blocks, self.static_blocks))  # or the pool borrowed it already
-            borrowable = max(self.kv.host_bytes, min(self.host_budget(), self.kv.bytes_for(self.static_blocks)))
+        if self.mode == "static":  # its fixed KV pool is mapped even when idle: some may be in host memory,
+            kv_bytes = self.kv.bytes_for(max(blocks, self.static_blocks))  # but not the chunks a step maps
+            newest = self.kv.bytes_for(1) if blocks > self.static_blocks else 0
+            borrowable = min(self._idle_host_bytes(), kv_bytes - newest)
             return kv_bytes + self.peak_activation_bytes <= self.room_alone() + borrowable
         return self.kv.bytes_for(blocks) + self._step_activation_bytes(num_tokens) <= self.room_alone()
 
     def max_blocks_alone(self):
-        """The most KV blocks one request could ever hold (all others gone, the host budget borrowed)."""
-        static = self.mode == "static"
-        room = self.host_budget() + (0 if static else self.room_alone() - self.peak_activation_bytes)
+        """The most KV blocks one request could ever hold (all others gone, the host budget borrowed): what
+        the budget leaves beside the activation peak, plus host memory (static mode: at least its pool)."""
+        # A step that grows the KV maps its new chunks on the device, beside its activations (static mode
+        # keeps the peak free for them; elastic mode's smallest step is one token).
+        least_step = self.peak_activation_bytes if self.mode == "static" else self._step_activation_bytes(1)
+        if self.room_alone() - least_step < self.kv.bytes_for(1):
+            return self.static_blocks
+        room = self.room_alone() - self.peak_activation_bytes + self._idle_host_bytes()
         chunks_per_layer = max(0, room) // (len(self.kv.layers) * self.pool.chunk_bytes)
-        base = self.static_blocks if static else 0
-        return min(self.kv.max_blocks, base + chunks_per_layer * self.pool.chunk_bytes // self.kv.block_bytes)
+        blocks = chunks_per_layer * self.pool.chunk_bytes // self.kv.block_bytes
+        return min(self.kv.max_blocks, max(blocks, self.static_blocks))
 
     def begin_step(self, high_water, num_tokens):
         """Map everything the step needs before it runs (OutOfMemoryError if it does not fit).

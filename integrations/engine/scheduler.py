@@ -116,7 +116,7 @@ class Scheduler:
 
     def schedule(self):
         """The step's (sequence, new tokens) pairs, prefills first; [] when nothing can run."""
-        chunks, tokens, prefill_tokens = [], 0, 0
+        chunks, tokens, prefill_tokens, stuck = [], 0, 0, False
         preemptions = self.num_preemptions
         self.swapped_in, self._fitted = [], None
         self._prefill_budget = self.policy.prefill_tokens(self.max_batched_tokens, self.running, self.waiting,
@@ -129,9 +129,13 @@ class Scheduler:
                 continue
             while not (taken := self._take(seq, n, tokens)):
                 if self.running == [seq]:
-                    # Alone and still no room (another tenant grew): preempting itself would free only what
-                    # it needs again, over and over. It waits with its KV kept, and step() says why.
-                    break
+                    # Alone and no room. Preempted and admitted again, it may fit in other blocks; but if
+                    # it was here before at this length (another tenant grew), it would loop for ever:
+                    # it waits with its KV kept, no one is admitted into its room, and step() says why.
+                    stuck = seq.lone_preemption_at == len(seq)
+                    if stuck:
+                        break
+                    seq.lone_preemption_at = len(seq)
                 self._preempt(self.running[-1])
                 if seq.status is not Status.RUNNING:
                     break
@@ -142,7 +146,7 @@ class Scheduler:
                 prefill_tokens += 0 if is_decode(seq, n) else n
         # No admissions in a step that preempted (as vLLM), unless nothing else runs: the request just
         # preempted would be readmitted into the room it left, and preempted again next step.
-        admit = self.num_preemptions == preemptions or not chunks
+        admit = not stuck and (self.num_preemptions == preemptions or not chunks)
         admit = self.policy.order(self.waiting, self.running, time.perf_counter()) if admit else []
         max_running = self.policy.max_running(self.max_num_seqs, self.running, admit)
         for seq in admit:

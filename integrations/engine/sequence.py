@@ -29,6 +29,7 @@ class Sequence:
         self.first_token_time = None
         self.finish_time = None
         self.num_preemptions = 0
+        self.lone_preemption_at = None  # its length when it last had to preempt itself with nothing else running
         self.generator = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)
