@@ -90,12 +90,14 @@ def test_a_decode_ahead_of_its_target_lets_more_prefill_in_and_one_that_cannot_m
     assert policy.prefill_tokens(512, [behind], queue, now=1.18) == 512
 
 
-@pytest.mark.parametrize("due, full_step", [(0.045, True), (0.05, False)])
-def test_prefill_takes_the_whole_step_when_that_saves_more_first_tokens_than_decodes_it_costs(due, full_step):
+@pytest.mark.parametrize("due, trade, full_step", [(0.045, 1, True), (0.045, 4, False), (0.05, 1, False)])
+def test_prefill_takes_the_whole_step_when_that_saves_enough_first_tokens_per_decode_it_costs(due, trade, full_step):
     """One decode allows 139 prefill tokens a 8 ms step. Eight 100-token prompts due in 45 ms: at that
     pace the last two miss (6 steps, 48 ms); in whole steps they make it (1 ms + 50 us a token, 36 and
-    41 ms). Two first tokens saved outweigh one decode's TPOT. Due in 50 ms, none is lost: keep the pace."""
+    41 ms). Two first tokens saved outweigh one decode's TPOT if one is worth one (trade 1), not if a
+    decode is worth four. Due in 50 ms, none is lost: keep the pace."""
     policy = fitted_policy()
+    policy.trade = trade
     prompts = [request(100, ttft_slo=due, arrival=1.0) for _ in range(8)]
     room = policy.prefill_tokens(1024, [decoding(first_token_time=1.0, outputs=1)], prompts, now=1.0)
     assert room == (1024 if full_step else 139)

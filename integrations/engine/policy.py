@@ -55,21 +55,27 @@ class SLOPolicy:
     - Logical host buffer (how much KV may be borrowed): halved on those TPOT breaches, doubled on TTFT
       breaches (more prefills admitted, borrowing rather than queueing).
     - Prefill tokens per step, our addition: while requests that can still meet their TPOT targets are
-      decoding, the most that a cost model fitted online to the recent steps (step_cost.py) predicts
-      keeps the step within `slack` of the tightest target, at least `min_prefill_tokens`: a burst of
-      prompts is chunked in beside the decodes instead of stalling them. Until the model has seen
-      enough steps, a budget halved on TPOT breaches and doubled on TTFT breaches stands in.
+      decoding, the most that the cost model predicts keeps the step within `slack` of what each one's
+      target still allows a step (its target's time for all its tokens, less what it used, spread over
+      those to come: a request ahead of its target has time banked), at least `min_prefill_tokens`: a
+      burst of prompts is chunked in beside the decodes instead of stalling them. Unless that pace would
+      make more than `trade` times as many prompts miss their TTFT targets (that could then decode in
+      time beside those running) as there are decodes to protect: then the step takes the whole prefill
+      budget. A first token saved is worth less than a decode kept: it counts only if the request then
+      meets its TPOT too, beside whatever arrives next (trading one for one collapsed under full load).
+      Until the model is ready, a budget halved on TPOT breaches and doubled on TTFT breaches stands in.
     Preempted requests that had their first token go first; then waiting requests earliest TTFT deadline
     first; those already past it go last, as they can no longer count towards goodput."""
 
     def __init__(self, cost, host_budget, max_batched_tokens, max_num_seqs, min_prefill_tokens, window=5, breaches=3,
-                 slack=0.8):
-        """cost: the engine's StepCost, fed every step by the engine."""
+                 slack=0.8, trade=4):
+        """cost: the engine's StepCost, fed every step by the engine. trade: how many first tokens a whole
+        step of prefill must save per decode it slows past its target (see the class docstring)."""
         self.host_buffer = self.max_host_buffer = host_budget
         self.prefill_budget = self.max_prefill = max_batched_tokens
         self.min_prefill = min_prefill_tokens
         self.batch_cap = self.max_batch = max_num_seqs
-        self.window, self.breaches, self.slack = window, breaches, slack
+        self.window, self.breaches, self.slack, self.trade = window, breaches, slack, trade
         self.tpot_history, self.ttft_history = deque(maxlen=window), deque(maxlen=window)
         self.cost = cost
 
@@ -102,10 +108,13 @@ class SLOPolicy:
                       default=0)
         room = max(self.min_prefill, self.cost.max_prefill(len(decoders), decode_pairs, context, seconds,
                                                            max_batched_tokens))
-        prompts = [s for s in running if s.first_token_time is None]
-        prompts += [s for s in self.order(waiting, running, now) if s.first_token_time is None and _due(s) >= now]
-        if self._ttft_saved(prompts, room, seconds, max_batched_tokens, now) > len(allowances):
-            return max_batched_tokens  # more prompts meet their TTFT at full speed than decodes lose
+        # A first token in time counts only for a prompt that can then decode within its target too: no
+        # more than the cost model lets run beside those running.
+        fresh = [s for s in self.order(waiting, running, now) if s.first_token_time is None and _due(s) >= now]
+        fresh = fresh[:max(0, self.max_running(len(running) + len(fresh), running, fresh) - len(running))]
+        prompts = [s for s in running if s.first_token_time is None] + fresh
+        if self._ttft_saved(prompts, room, seconds, max_batched_tokens, now) > self.trade * len(allowances):
+            return max_batched_tokens
         return room
 
     def _ttft_saved(self, prompts, room, step_seconds, max_batched_tokens, now):
