@@ -132,8 +132,8 @@ class SLOPolicy:
     def max_running(self, max_num_seqs, running, candidates):
         """How many requests may run, given those running and the candidates for admission in order: the
         most whose decodes the cost model predicts within `slack` of the tightest TPOT target, each one
-        adding a decode token over its context (at least one, so something runs); the batch cap until
-        the model is ready."""
+        adding a decode token over its context (at least one, so something runs); the batch cap while
+        the model is not ready or no request has a target."""
         targets = [s.tpot_slo for s in running if s.tpot_slo is not None and _on_time(s)]
         targets += [s.tpot_slo for s in candidates if s.tpot_slo is not None]
         if not targets or not self.cost.ready:
