@@ -209,3 +209,20 @@ def test_static_growth_past_the_fixed_pool_needs_device_room_beside_the_activati
     assert len(out.token_ids) == fixed_tokens - 100
     llm.close()
     tenant.release()
+
+
+def test_a_lone_request_may_borrow_the_whole_host_budget_whatever_the_slo_policy_shrank_it_to():
+    """TPOT breaches halve the SLO policy's logical host buffer. That limits borrowing to run others beside
+    a request; alone, a request that add_request accepted on the whole host budget must still finish."""
+    chunk = 64 << 10
+    pool = torch_ellm.Pool("host", budget_bytes=5 * chunk, host_budget_bytes=32 * chunk, chunk_bytes=chunk)
+    llm = LLM(small_llama(512), pool=pool, mode="elastic", policy="slo", preemption="borrow", block_size=16,
+              max_num_batched_tokens=32, max_model_len=512)
+    params = SamplingParams(max_tokens=400, ignore_eos=True, temperature=0)
+    llm.add_request(list(range(60)), params, tpot_slo=1e-6)  # every step breaches it
+    while llm.has_unfinished_requests():
+        llm.step()
+    assert llm.scheduler.policy.host_buffer < pool.host_budget_bytes // 8
+    assert llm.metrics.summary()["peak_borrowed_bytes"] > 0 and len(llm.metrics.requests) == 1
+    llm.close()
+    assert pool.borrowed_bytes == 0

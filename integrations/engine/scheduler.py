@@ -33,7 +33,10 @@ class Scheduler:
     def _allowance(self):
         if self.preemption != "borrow":
             return 0
-        return self.policy.host_allowance(self.memory.host_budget())
+        # Alone, a request may borrow all the host budget, as add_request counted on; the policy's limit is
+        # on how much borrowing lets others run beside it.
+        host_budget = self.memory.host_budget()
+        return host_budget if len(self.running) <= 1 else self.policy.host_allowance(host_budget)
 
     def _take(self, seq, n, tokens, whole=False):
         """Give seq blocks for n more tokens, or for a smaller prefill chunk (halving: fewer tokens need
