@@ -112,6 +112,8 @@ def test_batch_is_as_large_as_the_model_predicts_decodes_within_the_tpot_target(
     assert policy.max_running(64, [], queue) == len(queue)  # their 10 ms targets hold them all
     policy.batch_cap = 2
     assert policy.max_running(64, [], []) == 2  # nothing to judge by: the cap
+    hopeless = [decoding(first_token_time=1.0, tpot_slo=0.001) for _ in range(3)]  # one decode takes 1.05 ms
+    assert policy.max_running(64, hopeless, queue) == 2
 
 
 def test_prefill_budget_falls_back_without_model_or_decodes_at_stake():

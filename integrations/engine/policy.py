@@ -132,14 +132,17 @@ class SLOPolicy:
     def max_running(self, max_num_seqs, running, candidates):
         """How many requests may run, given those running and the candidates for admission in order: the
         most whose decodes the cost model predicts within `slack` of the tightest TPOT target, each one
-        adding a decode token over its context (at least one, so something runs); the batch cap while
-        the model is not ready or no request has a target."""
+        adding a decode token over its context; the batch cap while the model is not ready, no request
+        has a target, or the target is out of reach even for one request alone."""
         targets = [s.tpot_slo for s in running if s.tpot_slo is not None and _on_time(s)]
         targets += [s.tpot_slo for s in candidates if s.tpot_slo is not None]
         if not targets or not self.cost.ready:
             return min(self.batch_cap, max_num_seqs)
         seconds, count, pairs = self.slack * min(targets), 0, 0
-        for seq in [*running, *candidates][:max_num_seqs]:
+        queue = [*running, *candidates][:max_num_seqs]
+        if queue and self.cost.predict(1, len(queue[0])) > seconds:
+            return min(self.batch_cap, max_num_seqs)  # out of reach even alone: holding back gains nothing
+        for seq in queue:
             if count and self.cost.predict(count + 1, pairs + len(seq)) > seconds:
                 break
             count, pairs = count + 1, pairs + len(seq)
