@@ -152,8 +152,8 @@ std::vector<Chunk> Pool::acquire(size_t n, Location where, Tag tag, bool may_def
     deflated = true;
     if (deflate(short_chunks * chunk_bytes_) == 0 && attempt > 0) break;
   }
-  // What was borrowed for this request did not make room enough: bring it home while there is room,
-  // rather than leave others' chunks in host memory for nothing.
+  // Borrowing for this request did not make room enough: bring borrowed chunks home while there is
+  // room (any, not only these), rather than leave others' chunks in host memory for nothing.
   if (deflated) return_borrowed();
   std::lock_guard<std::mutex> lock(mu_);
   // Internal moves (may_deflate false) probe for room: their refusals are not OOMs.

@@ -226,3 +226,20 @@ def test_a_lone_request_may_borrow_the_whole_host_budget_whatever_the_slo_policy
     assert llm.metrics.summary()["peak_borrowed_bytes"] > 0 and len(llm.metrics.requests) == 1
     llm.close()
     assert pool.borrowed_bytes == 0
+
+
+def test_only_a_request_alone_borrows_past_the_slo_policys_host_buffer():
+    chunk = 64 << 10
+    pool = torch_ellm.Pool("host", budget_bytes=32 * chunk, host_budget_bytes=32 * chunk, chunk_bytes=chunk)
+    llm = LLM(small_llama(512), pool=pool, mode="elastic", policy="slo", preemption="borrow", block_size=16,
+              max_num_batched_tokens=64, max_model_len=512)
+    llm.scheduler.policy.host_buffer = chunk
+    first, second = (llm.add_request(list(range(20)), SamplingParams(max_tokens=8)) for _ in range(2))
+    llm.step()
+    a, b = (llm._requests[i] for i in (first, second))
+    assert llm.scheduler.running == [a, b]
+    assert llm.scheduler._allowance(a) == llm.scheduler._allowance(b) == chunk  # side by side: the buffer
+    llm.abort(second)
+    assert llm.scheduler._allowance(a) == 32 * chunk  # alone: the whole host budget
+    assert llm.scheduler._allowance(b) == chunk  # admitted beside a: the buffer
+    llm.close()

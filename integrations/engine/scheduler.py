@@ -30,13 +30,14 @@ class Scheduler:
     def has_work(self):
         return bool(self.waiting or self.running)
 
-    def _allowance(self):
+    def _allowance(self, seq):
+        """Host bytes seq's step may borrow. Alone (running, or admitted into an empty batch), all the host
+        budget, as add_request counted on; the policy's limit is on borrowing to run others beside it."""
         if self.preemption != "borrow":
             return 0
-        # Alone, a request may borrow all the host budget, as add_request counted on; the policy's limit is
-        # on how much borrowing lets others run beside it.
         host_budget = self.memory.host_budget()
-        return host_budget if len(self.running) <= 1 else self.policy.host_allowance(host_budget)
+        alone = all(other is seq for other in self.running)
+        return host_budget if alone else self.policy.host_allowance(host_budget)
 
     def _take(self, seq, n, tokens, whole=False):
         """Give seq blocks for n more tokens, or for a smaller prefill chunk (halving: fewer tokens need
@@ -51,7 +52,7 @@ class Scheduler:
 
     def _try_take(self, seq, n, tokens, whole):
         extra = self.blocks.blocks_for(len(seq) if whole else seq.num_computed + n) - len(seq.block_table)
-        allowance = self._allowance()
+        allowance = self._allowance(seq)
         # Many blocks (a long prompt) take a long walk to place: first a bound that costs nothing, which no
         # choice of blocks can beat. A decode's block or two is cheaper to place than to bound.
         if extra > 32 and not self._fits(self.blocks.least_high_water_after(extra), tokens + n, allowance):
