@@ -156,16 +156,17 @@ class LLM:
         if total > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
                              f"max_model_len {self.max_model_len}")
-        if self.blocks.blocks_for(total) > self.memory.max_blocks_alone():
+        most = self.memory.max_blocks_alone()
+        if self.blocks.blocks_for(total) > most:
             raise ValueError(f"{total} tokens need {self.blocks.blocks_for(total)} KV blocks but "
-                             f"{self.memory.budget_text()} holds at most {self.memory.max_blocks_alone()} for one request")
+                             f"{self.memory.budget_text()} holds at most {most} for one request")
         if not self.scheduler.chunked_prefill and len(ids) > self.scheduler.max_batched_tokens:
             raise ValueError(f"prompt of {len(ids)} tokens exceeds max_num_batched_tokens "
                              f"{self.scheduler.max_batched_tokens} with chunked prefill off")
         if not self.scheduler.fits_whole_alone(len(ids)):
-            raise ValueError(f"{self.memory.budget_text()} cannot hold this prompt's KV blocks ({len(ids)} tokens) beside its first "
-                             f"step's activations ({self.scheduler.smallest_first_step(len(ids))} tokens), even "
-                             f"with nothing else running")
+            raise ValueError(f"{self.memory.budget_text()} cannot hold this prompt's KV blocks ({len(ids)} tokens) "
+                             f"beside its first step's activations ({self.scheduler.smallest_first_step(len(ids))} "
+                             f"tokens), even with nothing else running")
         for name, slo in (("ttft_slo", ttft_slo), ("tpot_slo", tpot_slo)):
             if slo is not None and not slo > 0:
                 raise ValueError(f"{name} must be > 0 seconds or None, got {slo!r}")

@@ -153,9 +153,9 @@ class Memory:
 
     def budget_text(self):
         """The budget and what others take of it, for error messages."""
+        kept = self.pool.budget_bytes - self._usable_budget()
         taken = [f"{n} B {what}" for n, what in ((self.others_bytes(), "held by the pool's other tenants"),
-                                                  (self.pool.budget_bytes - self._usable_budget(), "kept free for others"))
-                 if n]
+                                                  (kept, "kept free for others")) if n]
         return f"the budget of {self.pool.budget_bytes} B" + (f" ({', '.join(taken)})" if taken else "")
 
     def _headroom(self, num_tokens):
@@ -240,9 +240,10 @@ class Memory:
         # A step that grows the KV maps its new chunks on the device, beside its activations (static mode
         # keeps the peak free for them; elastic mode's smallest step is one token).
         least_step = self.peak_activation_bytes if self.mode == "static" else self._step_activation_bytes(1)
-        if self.room_alone() - least_step < self.kv.bytes_for(1):
+        room_alone = self.room_alone()
+        if room_alone - least_step < self.kv.bytes_for(1):
             return self.static_blocks
-        room = self.room_alone() - self.peak_activation_bytes + self._idle_host_bytes()
+        room = room_alone - self.peak_activation_bytes + self._idle_host_bytes()
         chunks_per_layer = max(0, room) // (len(self.kv.layers) * self.pool.chunk_bytes)
         blocks = chunks_per_layer * self.pool.chunk_bytes // self.kv.block_bytes
         return min(self.kv.max_blocks, max(blocks, self.static_blocks))
