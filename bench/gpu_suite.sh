@@ -2,7 +2,9 @@
 # The GPU suite on a machine with CUDA: build, every GPU test, every GPU benchmark.
 #   bash bench/gpu_suite.sh                 # everything, in one go
 #   bash bench/gpu_suite.sh tests pool      # some parts: tests pool elastic allocator hf_generate engine
+#   bash bench/gpu_suite.sh engine:long_prompt,bursty_slo   # engine workloads by name (bench/engine.py --only)
 #   PYTHON=/opt/torch/.venv/bin/python bash bench/gpu_suite.sh   # a Python with CUDA PyTorch not first on PATH
+#   PART_SECONDS=240 bash bench/gpu_suite.sh ...   # stop a part that runs longer and go on with the next
 # Parts append to bench/results/gpu_suite_<device>_<date>.txt (beside the benchmarks' own JSON files),
 # so a suite split over several shorter runs still ends in one file.
 set -uo pipefail
@@ -24,11 +26,17 @@ mkdir -p bench/results
   status=0
   for part in "${parts[@]}"; do
     echo "## $part"
+    limit=(timeout "${PART_SECONDS:-0}")  # 0: no limit
     case "$part" in
-      tests) "$py" -m pytest -m gpu -v -rs tests || status=1 ;;
-      pool|elastic|allocator|hf_generate|engine) "$py" "bench/$part.py" --device cuda || status=1 ;;
-      *) echo "unknown part '$part': expected tests, pool, elastic, allocator, hf_generate or engine"; status=2 ;;
+      tests) "${limit[@]}" "$py" -m pytest -m gpu -v -rs tests ;;
+      pool|elastic|allocator|hf_generate|engine) "${limit[@]}" "$py" "bench/$part.py" --device cuda ;;
+      engine:*) "${limit[@]}" "$py" bench/engine.py --device cuda --only $(tr , " " <<<"${part#engine:}") ;;
+      *) echo "unknown part '$part': expected tests, pool, elastic, allocator, hf_generate, engine or engine:NAME,..."
+         false ;;
     esac
+    rc=$?
+    [ $rc = 124 ] && echo "part $part stopped after PART_SECONDS=$PART_SECONDS"
+    [ $rc = 0 ] || status=1
   done
   echo "# exit status $status"
   exit $status
