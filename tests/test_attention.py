@@ -28,3 +28,32 @@ def test_query_tiles_match_one_call(monkeypatch, n, ctx):
     visible = torch.arange(ctx)[None, :] <= torch.arange(ctx - n, ctx)[:, None]
     expected = torch.einsum("hqk,khd->qhd", scores.masked_fill(~visible, float("-inf")).softmax(-1), v)
     torch.testing.assert_close(whole, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_engine_attention_never_asks_cudnn(monkeypatch):
+    """cuDNN's per-shape plans (about 30 ms each on Hopper) are kept out of every step; the caller's own
+    SDPA settings are back afterwards."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from torch_ellm.integrations.engine import model_runner
+    from torch_ellm.integrations.engine.llm import LLM
+    from torch_ellm.integrations.engine.sampling_params import SamplingParams
+
+    seen = []
+
+    def recording(*args):
+        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+                     torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()))
+        return paged_attention(*args)
+
+    monkeypatch.setattr(model_runner, "paged_attention", recording)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    llm = LLM(LlamaForCausalLM(config).eval(), budget_bytes=1 << 20, chunk_bytes=16 << 10, block_size=4,
+              max_num_batched_tokens=32)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    llm.generate([[1, 2, 3], [4, 5, 6, 7, 8]], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    llm.close()
+    assert seen and set(seen) == {(False, True, True, True)}
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before

@@ -7,6 +7,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
+
+# SDPA backends the engine's attention may use. Recent PyTorch tries cuDNN first on Hopper in half
+# precision, and cuDNN builds an execution plan for every new (batch, query length, key length): some
+# 30 ms of host time each, and a serving step meets a new shape at almost every step (a request joins or
+# leaves, a context crosses a block, a prompt of a new length). The others take any shape as it comes.
+BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 # Score elements one prefill attention call may hold. Where SDPA falls back to its math path (a mask
 # with GQA on CUDA, or fp32 there) it builds the whole [heads, queries, keys] matrix: a 32K-token prefill

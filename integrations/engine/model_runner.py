@@ -1,9 +1,10 @@
 """Runs a Hugging Face Llama-family model from its own modules (embedding, norms, q/k/v/o projections,
 rotary embedding, MLP, head) but with our paged attention, so K/V land in the paged cache."""
 import torch
+from torch.nn.attention import sdpa_kernel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .attention import build_layout, paged_attention
+from .attention import BACKENDS, build_layout, paged_attention
 
 
 class ModelRunner:
@@ -38,18 +39,19 @@ class ModelRunner:
         x = self.inner.embed_tokens(ids)[None]  # [1, tokens, hidden]: HF modules expect a batch dim
         cos, sin = self.inner.rotary_emb(x, positions[None])
         tokens = ids.shape[0]
-        for i, layer in enumerate(self.inner.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(1, tokens, self.num_heads, self.head_dim)
-            k = attn.k_proj(h).view(1, tokens, self.num_kv_heads, self.head_dim)
-            v = attn.v_proj(h).view(tokens, self.num_kv_heads, self.head_dim)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
-            if before_layer:
-                before_layer(i)
-            kv_cache.write(i, layout.slots, k[0], v)
-            o = paged_attention(q[0], kv_cache.views[i], layout, attn.scaling)
-            x = x + attn.o_proj(o.reshape(1, tokens, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        with sdpa_kernel(BACKENDS):  # entered once a step: it costs some 13 us
+            for i, layer in enumerate(self.inner.layers):
+                attn = layer.self_attn
+                h = layer.input_layernorm(x)
+                q = attn.q_proj(h).view(1, tokens, self.num_heads, self.head_dim)
+                k = attn.k_proj(h).view(1, tokens, self.num_kv_heads, self.head_dim)
+                v = attn.v_proj(h).view(tokens, self.num_kv_heads, self.head_dim)
+                q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+                if before_layer:
+                    before_layer(i)
+                kv_cache.write(i, layout.slots, k[0], v)
+                o = paged_attention(q[0], kv_cache.views[i], layout, attn.scaling)
+                x = x + attn.o_proj(o.reshape(1, tokens, -1))
+                x = x + layer.mlp(layer.post_attention_layernorm(x))
         last = torch.tensor([n for _, n in chunks], device=self.device).cumsum(0) - 1
         return self.model.lm_head(self.inner.norm(x[0, last]))
