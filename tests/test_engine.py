@@ -528,3 +528,32 @@ def test_prompts_that_can_start_are_not_refused(case):
     roomy = LLM(model, budget_bytes=8 * MB, max_model_len=256)
     assert out[0].token_ids == roomy.generate([prompt], params, use_tqdm=False)[0].token_ids
     assert_pool_empty(llm)
+
+
+def test_kv_resize_within_its_chunks_maps_nothing_and_keeps_kv():
+    """Most steps move the high water by a block inside chunks already mapped: no driver call, the K/V
+    stay, the views still end at num_blocks; a new chunk comes zeroed."""
+    pool = Pool("host", budget_bytes=1 * MB, chunk_bytes=16 << 10)
+    kv = KVCache(pool, num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, max_blocks=64, dtype=torch.float32)
+    per_chunk = (16 << 10) // kv.block_bytes  # 16 blocks a chunk
+    kv.resize(3)
+    for view in kv.views:
+        view.fill_(7.0)
+    mapped = [vt.mapped_bytes for vt in kv.layers]
+    calls = []
+    for vt in kv.layers:
+        vt.resize = lambda nbytes, resize=vt.resize: calls.append(nbytes) or resize(nbytes)
+    kv.resize(per_chunk)
+    assert [vt.mapped_bytes for vt in kv.layers] == mapped and not calls
+    assert all(view.shape[0] == per_chunk and bool((view[:3] == 7).all()) for view in kv.views)
+    kv.resize(2)
+    assert [view.shape[0] for view in kv.views] == [2, 2] and [vt.mapped_bytes for vt in kv.layers] == mapped
+    assert not calls
+    for view in kv.views:
+        view[1:].fill_(float("nan"))  # in the first chunk: a second chunk must not inherit anything from it
+    kv.resize(per_chunk + 1)
+    assert [vt.mapped_bytes for vt in kv.layers] == [2 * m for m in mapped]
+    assert all(bool((view[per_chunk:] == 0).all()) and bool((view[0] == 7).all()) for view in kv.views)
+    del view  # the loop's last view would keep the cache from being released
+    kv.release()
+    assert pool.stats()["mapped_device_bytes"] == 0

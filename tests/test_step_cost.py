@@ -31,6 +31,11 @@ def test_fit_recovers_a_linear_cost_and_predicts():
     later = cost.max_prefill(8, 8000, 3000, 0.02, 1024)  # the same, 3000 tokens into a prompt
     assert later < limit
     assert truth(8 + later, 8000 + later * 3000 + later * (later + 1) // 2) <= 0.02
+    contexts = [900, 40, 3000, 7, 1200, 500, 64, 2000] * 4
+    count = cost.max_decodes(contexts, 0.0035)  # decodes in order, each one token after its context
+    assert 1 < count < len(contexts)
+    assert truth(count, sum(contexts[:count])) <= 0.0035 < truth(count + 1, sum(contexts[:count + 1]))
+    assert cost.max_decodes([10 ** 6], 0.0035) == 1  # the first always runs, whatever it costs
 
 
 def test_a_feature_that_fits_negative_is_dropped():

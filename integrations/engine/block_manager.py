@@ -101,6 +101,8 @@ class BlockManager:
     def grow(self, seq, num_tokens, compact=False):
         """Give seq enough blocks to hold num_tokens tokens (compact: see _picks)."""
         need = self.blocks_for(num_tokens) - len(seq.block_table)
+        if need <= 0:  # most decodes: nothing changes, and the answers high_water_after remembers stand
+            return
         if need > self.num_free:
             raise RuntimeError(f"no free KV block: {need} wanted, {self.num_free} free")
         self._version += 1

@@ -12,6 +12,7 @@ class KVCache:
         self.max_blocks = max_blocks
         self.layers = [pool.virtual_tensor(max_blocks * self.block_bytes, tag="kv") for _ in range(num_layers)]
         self.views = []
+        self._mapped_views = []  # per layer, every block the mapped chunks hold; views are its first num_blocks
         self.num_blocks = 0
         self.on_shrink = None  # called with the new block count when the blocks above it lose their K/V
 
@@ -35,7 +36,12 @@ class KVCache:
         old = self.num_blocks
         if num_blocks < old and self.on_shrink:  # before: a shrink failing halfway has lost K/V too
             self.on_shrink(num_blocks)
-        self.views = []  # a live view would pin the bytes a shrink unmaps
+        if self._mapped_bytes(num_blocks) == self._mapped_bytes(old):  # within the mapped chunks: most steps
+            self.num_blocks = num_blocks
+            self.views = [whole[:num_blocks] for whole in self._mapped_views]
+            return
+        mapped_before = self._mapped_views[0].shape[0] if self._mapped_views else 0
+        self.views = self._mapped_views = []  # a live view would pin the bytes a shrink unmaps
         done = []
         try:
             for vt in self.layers:
@@ -48,12 +54,15 @@ class KVCache:
             raise
         finally:
             self.num_blocks = num_blocks
-            self.views = [vt.as_tensor((num_blocks, *self.block_shape), self.dtype) for vt in self.layers]
+            whole = min(vt.mapped_bytes for vt in self.layers) // self.block_bytes  # all the chunks hold
+            self._mapped_views = [vt.as_tensor((whole, *self.block_shape), self.dtype) for vt in self.layers]
+            self.views = [view[:num_blocks] for view in self._mapped_views]
         # Pool chunks come back with whatever bytes they held (a tenant's, activations'). Decodes read
         # whole blocks and mask the slots past each context, but a masked NaN still poisons the sum:
-        # every slot attention can read holds K/V or zeros.
-        for view in self.views:
-            view[old:].zero_()
+        # every slot attention can read holds K/V or zeros. Blocks the chunks held already were zeroed
+        # when those were mapped, and have held only K/V since.
+        for view in self._mapped_views:
+            view[mapped_before:].zero_()
 
     @property
     def device_bytes(self):
@@ -72,7 +81,7 @@ class KVCache:
         cache[blocks, 1, offsets] = v
 
     def release(self):
-        self.views = []
+        self.views = self._mapped_views = []
         for vt in self.layers:
             vt.release()
         self.num_blocks = 0

@@ -35,10 +35,13 @@ class LinearFit:
             for j in range(self.k):
                 self._xtx[i][j] += sign * x[i] * x[j]
 
-    def estimate(self, features):
+    def coefficients(self):
         if self._coef is None or self._unfitted >= self.refit:
-            self._coef, self._unfitted = self._fit(), 0
-        return float(sum(c * x for c, x in zip(self._coef, features)))
+            self._coef, self._unfitted = tuple(map(float, self._fit())), 0  # plain floats: numpy scalars are slow
+        return self._coef
+
+    def estimate(self, features):
+        return sum(c * x for c, x in zip(self.coefficients(), features))
 
     def _fit(self):
         # Features differ in scale by orders of magnitude: solve in units of each one's largest value.

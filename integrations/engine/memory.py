@@ -123,6 +123,7 @@ class Memory:
         self.peak_activation_bytes = _round_up(profile.bytes_for(max_batched_tokens), pool.chunk_bytes)
         self.activations = pool.virtual_tensor(max(self.peak_activation_bytes, pool.chunk_bytes), tag="activations")
         self.static_blocks = 0
+        self._step_bytes = {}  # step_bytes() by token count: the profile and the mode do not change
         if mode == "static":
             if self.peak_activation_bytes > self.room_alone():
                 raise ValueError(f"{self.budget_text()} cannot hold the activation peak "
@@ -217,7 +218,9 @@ class Memory:
     def step_bytes(self, num_tokens):
         """The part of fits() that depends on a step's tokens: two token counts with the same step_bytes
         fit or not alike (the bytes are whole chunks, so most steps a decode adds to share them)."""
-        return self._activation_bytes(num_tokens) + self._headroom(num_tokens)
+        if num_tokens not in self._step_bytes:  # asked for every request the scheduler takes, every step
+            self._step_bytes[num_tokens] = self._activation_bytes(num_tokens) + self._headroom(num_tokens)
+        return self._step_bytes[num_tokens]
 
     def _idle_host_bytes(self):
         """Host bytes the KV may take with none of the engine's requests running: the borrowing allowance,

@@ -138,15 +138,11 @@ class SLOPolicy:
         targets += [s.tpot_slo for s in candidates if s.tpot_slo is not None]
         if not targets or not self.cost.ready:
             return min(self.batch_cap, max_num_seqs)
-        seconds, count, pairs = self.slack * min(targets), 0, 0
+        seconds = self.slack * min(targets)
         queue = [*running, *candidates][:max_num_seqs]
         if queue and self.cost.predict(1, len(queue[0])) > seconds:
             return min(self.batch_cap, max_num_seqs)  # out of reach even alone: holding back gains nothing
-        for seq in queue:
-            if count and self.cost.predict(count + 1, pairs + len(seq)) > seconds:
-                break
-            count, pairs = count + 1, pairs + len(seq)
-        return count
+        return self.cost.max_decodes([len(seq) for seq in queue], seconds)
 
     def host_allowance(self, host_budget):
         return min(self.host_buffer, host_budget)

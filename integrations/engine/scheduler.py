@@ -23,6 +23,7 @@ class Scheduler:
         self.swapped_in = []  # this step's admissions whose K/V come back: (seq, leading blocks it found cached)
         self._prefill_budget = max_batched_tokens  # this step's, from the policy
         self._fitted = None  # (high water, step bytes, allowance) that fit in this step's schedule so far
+        self._host_budget = 0  # memory.host_budget() when this step's schedule began
 
     def add(self, seq):
         self.waiting.append(seq)
@@ -35,9 +36,8 @@ class Scheduler:
         budget, as add_request counted on; the policy's limit is on borrowing to run others beside it."""
         if self.preemption != "borrow":
             return 0
-        host_budget = self.memory.host_budget()
         alone = all(other is seq for other in self.running)
-        return host_budget if alone else self.policy.host_allowance(host_budget)
+        return self._host_budget if alone else self.policy.host_allowance(self._host_budget)
 
     def _take(self, seq, n, tokens, whole=False):
         """Give seq blocks for n more tokens, or for a smaller prefill chunk (halving: fewer tokens need
@@ -122,7 +122,7 @@ class Scheduler:
         """The step's (sequence, new tokens) pairs, prefills first; [] when nothing can run."""
         chunks, tokens, prefill_tokens, stuck = [], 0, 0, False
         preemptions = self.num_preemptions
-        self.swapped_in, self._fitted = [], None
+        self.swapped_in, self._fitted, self._host_budget = [], None, self.memory.host_budget()
         self._prefill_budget = self.policy.prefill_tokens(self.max_batched_tokens, self.running, self.waiting,
                                                           time.perf_counter())
         for seq in list(self.running):

@@ -37,6 +37,19 @@ class StepCost(LinearFit):
         """What adding this work to a step is predicted to cost, without the step's fixed part."""
         return self.predict(tokens, pairs) - self.predict(0, 0)
 
+    def max_decodes(self, contexts, seconds):
+        """How many of these decodes, taken in order (each one token after its context), a step may run
+        and still be predicted to take at most `seconds`; the first always. Asked for every candidate
+        every step: the model's formula written out, without a call each."""
+        fixed, per_token, per_pair = self.coefficients()
+        count, pairs = 0, 0
+        for context in contexts:
+            pairs += context
+            if count and fixed + per_token * (count + 1) + per_pair * pairs > seconds:
+                break
+            count += 1
+        return count
+
     def max_prefill(self, decode_tokens, decode_pairs, context, seconds, limit):
         """The most prefill tokens (0..limit) a step with these decodes may add and still be predicted to
         take at most `seconds`, priced as one chunk after `context` computed tokens (n*context +
