@@ -266,16 +266,17 @@ void* CachingAllocator::allocate_large(size_t size, uintptr_t stream, Tag tag) {
     // that needs new chunks while the pool is short, or would map more than
     // the allocator has had since its cache was last emptied, or the cache is
     // much larger than what is live, the stalest cached blocks give theirs back
-    // first (no retry, no one else asked to shrink): reserved memory stays near
-    // what is live, for a synchronize on such misses only.
+    // first, as many as the difference or all there are (no retry, no one else
+    // asked to shrink): reserved memory stays near what is live, for a
+    // synchronize on such misses only.
     b = take_resizable_locked(chunks, stream, tag);
     size_t have = b ? b->capacity / chunk_ : 0;
     if (have < chunks) {
       size_t more = (chunks - have) * chunk_, cached = cached_large_chunks_locked();
       bool pool_short = pool_->free_chunks(Location::Device, tag) * chunk_ < more;
-      bool new_high = reserved_ + more > most_mapped_;
-      if (cached >= chunks && (pool_short || new_high || cached * chunk_ > kMaxCacheRatio * allocated_))
-        recycle_cached_large_locked(chunks - have, to_release);
+      bool new_high = reserved_ + chunks * chunk_ > most_mapped_;  // b's chunks are out of reserved_ now
+      if (cached > 0 && (pool_short || new_high || cached * chunk_ > kMaxCacheRatio * allocated_))
+        recycle_cached_large_locked(std::min(cached, chunks - have), to_release);
     }
   }
   for (auto& vt : to_release) vt->release();

@@ -314,6 +314,27 @@ def test_miss_unmaps_the_stalest_cached_blocks_when_the_cache_dwarfs_what_is_liv
     assert_all_returned()
 
 
+@pytest.mark.parametrize("other, asked", [(7 * MiB, 4 * MiB), (1 * MiB, 6 * MiB)],
+                         ids=["cache holds more than the miss", "cache holds less than the miss"])
+def test_miss_past_the_high_water_mark_first_unmaps_the_blocks_it_passes_over(other, asked):
+    """A miss grows the closest cached block in place. Where that would take reserved memory past its
+    high-water mark, the other cached blocks give their chunks first, however few: reserved then
+    peaks where allocated did (the GPU generate run's prefill did this, 1.026 before)."""
+    configure("64MiB")
+    live = alloc(4 * MiB)  # so that the cache does not dwarf what is live, which would unmap it anyway
+    grown, passed_over = alloc(2 * MiB), alloc(other)
+    free(grown)
+    free(passed_over)
+    ptr = alloc(asked)
+    assert ptr == grown
+    s = stats()
+    assert s["reserved_bytes.all.peak"] == s["allocated_bytes.all.peak"] == 4 * MiB + max(2 * MiB + other, asked)
+    assert s["reserved_bytes.all.current"] == 4 * MiB + asked
+    free(ptr)
+    free(live)
+    assert_all_returned()
+
+
 @pytest.mark.parametrize("size", [1000, 3 * MiB], ids=["slab", "large"])
 def test_cached_block_is_reused_on_its_stream_only(size):
     configure("64MiB")
