@@ -217,6 +217,11 @@ def main():
               f"{config['activation_reserve_bytes'] / 2**20:.1f} MiB ({100 * config['reserve_share']:.0f}% of "
               f"the budget), host budget {budget // 2 / 2**20:.1f} MiB", flush=True)
         results["configs"][name], rows = config, {}
+        # Untimed, a few of the workload's requests at once: whatever the first run of new shapes costs
+        # (kernels loaded, library plans) would otherwise fall on the first configuration alone.
+        warmup = LLM(model, mode="elastic", budget_bytes=budget, activation_profile=profile, **config["engine_args"])
+        serve(warmup, [(0.0, *r[1:]) for r in requests[:8]], vocab, args.seed + 1)
+        warmup.close()
         for (mode, policy), label in CONFIGS:
             llm = LLM(model, mode=mode, policy=policy, budget_bytes=budget, host_budget_bytes=budget // 2,
                       preemption="borrow" if policy == "slo" else "recompute", activation_profile=profile,
