@@ -557,3 +557,51 @@ def test_kv_resize_within_its_chunks_maps_nothing_and_keeps_kv():
     del view  # the loop's last view would keep the cache from being released
     kv.release()
     assert pool.stats()["mapped_device_bytes"] == 0
+
+
+def test_kv_release_refused_by_a_live_view_leaves_a_working_cache():
+    pool = Pool("host", budget_bytes=1 * MB, chunk_bytes=16 << 10)
+    kv = KVCache(pool, num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, max_blocks=64, dtype=torch.float32)
+    kv.resize(3)
+    kv.views[1][2].fill_(5.0)
+    held = kv.views[0]
+    with pytest.raises(ValueError, match="view"):
+        kv.release()
+    del held
+    kv.resize(4)  # within the mapped chunk
+    kv.write(0, torch.tensor([12]), torch.ones(1, 2, 8), torch.ones(1, 2, 8))
+    assert [view.shape[0] for view in kv.views] == [4, 4] and bool((kv.views[1][2] == 5).all())
+    kv.release()
+    assert pool.stats()["mapped_device_bytes"] == 0
+
+
+def test_kv_shrink_refused_halfway_zeroes_the_chunks_it_maps_again():
+    """The layers that shrank before a live view refused the next one map their top chunks again; those
+    may come from anywhere (here: chunks another tenant filled with NaN) and must come back zeroed."""
+    chunk = 16 << 10
+    pool = Pool("host", budget_bytes=1 * MB, chunk_bytes=chunk)
+    kv = KVCache(pool, num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, max_blocks=200, dtype=torch.float32)
+    per_chunk = chunk // kv.block_bytes
+    kv.resize(2 * per_chunk + 1)  # three chunks a layer
+    held = kv.views[1][:1]  # the second layer refuses to shrink
+    tenants, resize = [], kv.layers[1].resize
+
+    def poison_then_resize(nbytes):  # between the first layer's shrink and its growing back
+        for _ in range(2):
+            other = pool.virtual_tensor(2 * chunk, tag="other")
+            other.resize(2 * chunk)
+            other.as_tensor((2 * chunk // 4,), torch.float32).fill_(float("nan"))
+            tenants.append(other)
+        tenants.pop(0).release()  # two NaN chunks back in the pool's cache, for the first layer to take
+        return resize(nbytes)
+
+    kv.layers[1].resize = poison_then_resize
+    with pytest.raises(ValueError, match="view"):
+        kv.resize(per_chunk)
+    kv.layers[1].resize = resize
+    del held
+    assert kv.num_blocks == 2 * per_chunk + 1
+    assert bool(torch.isfinite(kv.views[0]).all()) and bool(torch.isfinite(kv.views[1]).all())
+    for other in tenants:
+        other.release()
+    kv.release()

@@ -40,7 +40,11 @@ class KVCache:
             self.num_blocks = num_blocks
             self.views = [whole[:num_blocks] for whole in self._mapped_views]
             return
-        mapped_before = self._mapped_views[0].shape[0] if self._mapped_views else 0
+        # Pool chunks come back with whatever bytes they held (a tenant's, activations'). Decodes read
+        # whole blocks and mask the slots past each context, but a masked NaN still poisons the sum:
+        # every slot attention can read holds K/V or zeros. Blocks in chunks mapped before were zeroed
+        # then and have held only K/V since; per layer, blocks from fresh[i] on are in new chunks.
+        fresh = [self._mapped_views[0].shape[0] if self._mapped_views else 0] * len(self.layers)
         self.views = self._mapped_views = []  # a live view would pin the bytes a shrink unmaps
         done = []
         try:
@@ -48,21 +52,22 @@ class KVCache:
                 vt.resize(num_blocks * self.block_bytes)
                 done.append(vt)
         except BaseException:  # OutOfMemoryError growing, or a live view refusing a shrink
+            if num_blocks < old:  # the layers that shrank map their top chunks again: new ones
+                fresh[:len(done)] = [self._mapped_bytes(num_blocks) // self.block_bytes] * len(done)
             num_blocks = old
             for vt in done:
                 vt.resize(old * self.block_bytes)
             raise
         finally:
-            self.num_blocks = num_blocks
-            whole = min(vt.mapped_bytes for vt in self.layers) // self.block_bytes  # all the chunks hold
-            self._mapped_views = [vt.as_tensor((whole, *self.block_shape), self.dtype) for vt in self.layers]
-            self.views = [view[:num_blocks] for view in self._mapped_views]
-        # Pool chunks come back with whatever bytes they held (a tenant's, activations'). Decodes read
-        # whole blocks and mask the slots past each context, but a masked NaN still poisons the sum:
-        # every slot attention can read holds K/V or zeros. Blocks the chunks held already were zeroed
-        # when those were mapped, and have held only K/V since.
-        for view in self._mapped_views:
-            view[mapped_before:].zero_()
+            self._set_views(num_blocks)
+            for view, first in zip(self._mapped_views, fresh):
+                view[first:].zero_()
+
+    def _set_views(self, num_blocks):
+        self.num_blocks = num_blocks
+        whole = min(vt.mapped_bytes for vt in self.layers) // self.block_bytes  # all the chunks hold
+        self._mapped_views = [vt.as_tensor((whole, *self.block_shape), self.dtype) for vt in self.layers]
+        self.views = [view[:num_blocks] for view in self._mapped_views]
 
     @property
     def device_bytes(self):
@@ -82,6 +87,11 @@ class KVCache:
 
     def release(self):
         self.views = self._mapped_views = []
-        for vt in self.layers:
-            vt.release()
+        try:
+            for vt in self.layers:
+                vt.release()
+        except BaseException:  # a live view refused it
+            if not any(vt.released for vt in self.layers):  # before anything went: the cache is as it was
+                self._set_views(self.num_blocks)
+            raise
         self.num_blocks = 0
