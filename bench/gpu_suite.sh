@@ -26,7 +26,8 @@ mkdir -p bench/results
   status=0
   for part in "${parts[@]}"; do
     echo "## $part"
-    limit=(timeout "${PART_SECONDS:-0}")  # 0: no limit
+    limit=()  # timeout only where asked: it puts the part in a process group of its own, out of Ctrl-C's reach
+    [ "${PART_SECONDS:-0}" != 0 ] && limit=(timeout "$PART_SECONDS")
     case "$part" in
       tests) "${limit[@]}" "$py" -m pytest -m gpu -v -rs tests ;;
       pool|elastic|allocator|engine) "${limit[@]}" "$py" "bench/$part.py" --device cuda ;;
@@ -34,10 +35,11 @@ mkdir -p bench/results
       hf_generate) "${limit[@]}" "$py" bench/hf_generate.py --device cuda --quick ;;
       engine:*) "${limit[@]}" "$py" bench/engine.py --device cuda --only $(tr , " " <<<"${part#engine:}") ;;
       *) echo "unknown part '$part': expected tests, pool, elastic, allocator, hf_generate, engine or engine:NAME,..."
-         false ;;
+         status=2
+         continue ;;
     esac
     rc=$?
-    [ $rc = 124 ] && echo "part $part stopped after PART_SECONDS=$PART_SECONDS"
+    [ $rc = 124 ] && [ ${#limit[@]} -gt 0 ] && echo "part $part stopped after PART_SECONDS=$PART_SECONDS"
     [ $rc = 0 ] || status=1
   done
   echo "# exit status $status"
