@@ -53,7 +53,16 @@ def test_engine_attention_never_asks_cudnn(monkeypatch):
     llm = LLM(LlamaForCausalLM(config).eval(), budget_bytes=1 << 20, chunk_bytes=16 << 10, block_size=4,
               max_num_batched_tokens=32)
     before = torch.backends.cuda.cudnn_sdp_enabled()
-    llm.generate([[1, 2, 3], [4, 5, 6, 7, 8]], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
-    llm.close()
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    llm.generate([[1, 2, 3], [4, 5, 6, 7, 8]], params, use_tqdm=False)
     assert seen and set(seen) == {(False, True, True, True)}
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    # A backend the caller turned off stays off inside the engine's steps.
+    seen.clear()
+    torch.backends.cuda.enable_flash_sdp(False)
+    try:
+        llm.generate([[1, 2, 3]], params, use_tqdm=False)
+    finally:
+        torch.backends.cuda.enable_flash_sdp(True)
+    llm.close()
+    assert seen and set(seen) == {(False, False, True, True)}

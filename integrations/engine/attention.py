@@ -14,6 +14,15 @@ from torch.nn.attention import SDPBackend
 # 30 ms of host time each, and a serving step meets a new shape at almost every step (a request joins or
 # leaves, a context crosses a block, a prompt of a new length). The others take any shape as it comes.
 BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_ENABLED = {SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
+            SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled,
+            SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled}
+
+
+def step_backends():
+    """BACKENDS less those the caller has turned off (for determinism, say); cuDNN alone if that is all
+    the caller left on."""
+    return [b for b in BACKENDS if _ENABLED[b]()] or [SDPBackend.CUDNN_ATTENTION]
 
 # Score elements one prefill attention call may hold. Where SDPA falls back to its math path (a mask
 # with GQA on CUDA, or fp32 there) it builds the whole [heads, queries, keys] matrix: a 32K-token prefill

@@ -4,7 +4,7 @@ import torch
 from torch.nn.attention import sdpa_kernel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .attention import BACKENDS, build_layout, paged_attention
+from .attention import build_layout, paged_attention, step_backends
 
 
 class ModelRunner:
@@ -39,7 +39,7 @@ class ModelRunner:
         x = self.inner.embed_tokens(ids)[None]  # [1, tokens, hidden]: HF modules expect a batch dim
         cos, sin = self.inner.rotary_emb(x, positions[None])
         tokens = ids.shape[0]
-        with sdpa_kernel(BACKENDS):  # entered once a step: it costs some 13 us
+        with sdpa_kernel(step_backends()):  # entered once a step: it costs some 13 us
             for i, layer in enumerate(self.inner.layers):
                 attn = layer.self_attn
                 h = layer.input_layernorm(x)
