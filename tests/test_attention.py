@@ -66,3 +66,22 @@ def test_engine_attention_never_asks_cudnn(monkeypatch):
         torch.backends.cuda.enable_flash_sdp(True)
     llm.close()
     assert seen and set(seen) == {(False, False, True, True)}
+
+
+def test_decodes_match_attention_written_out():
+    """A batch of decodes with different contexts: query head h reads KV head h // (heads / kv_heads)."""
+    g = torch.Generator().manual_seed(7)
+    heads, kv_heads, head_dim, block_size = 8, 2, 16, 4
+    contexts = [5, 12, 1, 9]
+    width = -(-max(contexts) // block_size)
+    cache = torch.randn(20, 2, block_size, kv_heads, head_dim, generator=g)
+    tables = torch.stack([torch.randperm(20, generator=g)[:width] for _ in contexts])
+    mask = (torch.arange(width * block_size) < torch.tensor(contexts)[:, None]).view(len(contexts), 1, 1, -1)
+    q = torch.randn(3 + len(contexts), heads, head_dim, generator=g)  # three prefill tokens before them
+    layout = StepLayout(prefills=[], decodes=[(3, tables, mask)], slots=torch.empty(0, dtype=torch.long))
+    got = paged_attention(q, cache, layout, head_dim ** -0.5)[3:]
+    for row, ctx in enumerate(contexts):
+        k, v = (cache[tables[row], i].flatten(0, 1)[:ctx].repeat_interleave(heads // kv_heads, dim=1) for i in (0, 1))
+        scores = torch.einsum("hd,khd->hk", q[3 + row], k) * head_dim ** -0.5
+        expected = torch.einsum("hk,khd->hd", scores.softmax(-1), v)
+        torch.testing.assert_close(got[row], expected, rtol=1e-5, atol=1e-5)

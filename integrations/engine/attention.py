@@ -107,7 +107,10 @@ def paged_attention(q, cache, layout, scale):
     for start, tables, mask in layout.decodes:
         batch = tables.shape[0]
         k, v = (cache[tables, i].flatten(1, 2).transpose(1, 2) for i in (0, 1))  # [batch, kv_heads, keys, head_dim]
-        qs = q[start:start + batch].view(batch, 1, *q.shape[1:]).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[start:start + batch] = o.transpose(1, 2).flatten(0, 1)
+        # The query heads that share a KV head become that head's queries (head h reads KV head h // group, as
+        # in grouped-query attention): with a mask, grouped-query SDPA on CUDA takes the math path, which
+        # copies K and V once per query head; this way a fused kernel takes it as it is.
+        qs = q[start:start + batch].view(batch, k.shape[1], -1, q.shape[-1])  # [batch, kv_heads, group, head_dim]
+        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale)
+        out[start:start + batch] = o.reshape(batch, *q.shape[1:])
     return out
