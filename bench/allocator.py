@@ -312,14 +312,15 @@ def generate_model(torch, layers):
 
 def run_generate(torch, model, batch, prompt, new, device, sync=lambda: None):
     """A warm-up generate of 8 tokens, then the timed one: (seconds, tokens made)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
+
+    from torch_ellm.integrations.engine.attention import BACKENDS  # imports torch_ellm, enables nothing
 
     ids = torch.randint(1, model.config.vocab_size, (batch, prompt), device=device)
     kwargs = dict(do_sample=False, attention_mask=torch.ones_like(ids), min_new_tokens=new)
-    # Without cuDNN attention, as the engine runs (engine/attention.py): on Hopper it would build a plan
-    # for every new key length, that is every token, and that host time would hide the allocator's.
-    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    with torch.no_grad(), sdpa_kernel(backends):
+    # Without cuDNN attention, as the engine runs: on Hopper it would build a plan for every new key
+    # length, that is every token, and that host time would hide the allocator's.
+    with torch.no_grad(), sdpa_kernel(BACKENDS):
         model.generate(ids, max_new_tokens=8, **{**kwargs, "min_new_tokens": 8})
         sync()
         start = time.perf_counter()
