@@ -274,10 +274,10 @@ def main():
         results["shared_prefix"] = shared_prefix(model, *configs[max_len], vocab, n, args.seed)
     if not args.only or "preemption" in args.only:
         results["preemption"] = preemption(model, *configs[long_len], vocab, n, args.seed)
-    print_ratios(results)
     RESULTS.mkdir(exist_ok=True)
     tag = ("quick" if quick else args.device) + "".join("_" + name for name in args.only or [])  # beside the full run
     (RESULTS / f"engine_{tag}.json").write_text(json.dumps(results, indent=1))
+    print_ratios(results)
     if not args.only:
         plot(results, RESULTS / f"engine_{tag}.png")
 
@@ -297,7 +297,7 @@ def print_ratios(results):
         base = rows["static/FCFS"]
         for label in ("elastic/FCFS", "elastic/SLO"):
             r = rows[label]
-            ratio = lambda key: r[key] / base[key] if base[key] else float("inf")
+            ratio = lambda key: divide(r[key], base[key])
             print(f"  {name:15s} {label:13s} decode tok/s x{ratio('decode_tokens_per_s'):.2f} [2.5]  "
                   f"max batch x{ratio('max_batch'):.2f} [3]  max decode batch x{ratio('max_decode_batch'):.2f}  "
                   f"goodput x{ratio('goodput_rps'):.2f} [2.5]  "
@@ -311,7 +311,11 @@ def spread(row, base):
         return ""
     span = lambda values: f"{min(values):.2f}-{max(values):.2f}"
     return (f" (runs: {span(row['attainment_runs'])} vs {span(base['attainment_runs'])}, goodput "
-            f"x{span([g / base['goodput_rps'] for g in row['goodput_runs']])})")
+            f"x{span([divide(g, base['goodput_rps']) for g in row['goodput_runs']])})")
+
+
+def divide(value, base):
+    return value / base if base else float("inf")
 
 
 def plot(results, path):
