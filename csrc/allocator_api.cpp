@@ -115,7 +115,7 @@ ELLM_EXPORT int torch_ellm_record_stream(void* ptr, int device, void* stream) {
 
 ELLM_EXPORT const char* torch_ellm_last_error() { return last_error.c_str(); }
 
-// Hooks for PyTorch's C++ pluggable-allocator API (torch_ellm/hooks.py installs them on CUDA).
+// Hooks for PyTorch's C++ pluggable-allocator API (torch_ellm/shim.py installs them on CUDA).
 // PyTorch's record_stream hook passes no device: ask each device's allocator.
 ELLM_EXPORT int torch_ellm_record_stream_any(void* ptr, void* stream) {
   return guarded([&] {

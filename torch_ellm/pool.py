@@ -49,7 +49,8 @@ class Pool:
 
     backend="host" runs on CPU memory (mmap + memfd); backend="cuda" on a GPU through the CUDA
     driver's virtual memory API. chunk_bytes is the unit of mapping (2 MiB default); on host,
-    granularity (4 KiB to 2 MiB, default min(chunk_bytes, 2 MiB)) is the backend's page.
+    granularity (a power of two from the page size to 1 GiB dividing chunk_bytes; default the largest
+    such power up to 2 MiB) is the backend's page.
 
     host_tier says how borrowed bytes live in host memory. "mapped": a host-located chunk is mapped
     at the same address, so the device keeps reading and writing it, and the pool borrows on its own
