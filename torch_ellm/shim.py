@@ -7,7 +7,8 @@ TORCH_EXTENSIONS_DIR; the first build takes about a minute):
   allocator into a plain RuntimeError (PyTorch issue 133280), so the allocator calls a thrower
   here that raises c10::OutOfMemoryError;
 - on CUDA, the allocator is made through PyTorch's C++ pluggable-allocator API, which, unlike the
-  Python one, takes the reset (empty_cache), memory-fraction and record_stream hooks.
+  Python one, takes the reset (empty_cache), memory-fraction and record_stream hooks, and the hook
+  through which CUDA graph capture is refused.
 """
 import ctypes
 import warnings
@@ -53,6 +54,16 @@ void install_allocator(int64_t alloc, int64_t free, int64_t record_stream, int64
   hooks->set_reset_fn([reset_fn] { (void)reset_fn(); });
   hooks->set_memory_fraction_fn([fraction_fn](double f, int device) {
     TORCH_CHECK(fraction_fn(f, device) == 0, "torch_ellm: cannot set the memory fraction to ", f);
+  });
+  // A CUDA graph's private pool (id {graph uid, 0}) must keep its blocks for the graph's replays; this
+  // allocator would cache them for everyone, and a replay would write into other tensors. Refused, before
+  // the capture begins. A user MemPool (id {0, uid}: use_mem_pool) under enable() stays in the pool.
+  hooks->set_begin_allocate_to_pool([](int, c10::cuda::MempoolId_t id, std::function<bool(cudaStream_t)>) {
+    TORCH_CHECK(id.first == 0,
+                "torch_ellm: CUDA graph capture is not supported under torch_ellm.enable() yet: the graph's ",
+                "private memory would be cached for other tensors, and its replays would overwrite them. ",
+                "Capture in a process without enable(), or use the scoped route (torch.cuda.use_mem_pool("
+                "torch_ellm.mem_pool())) for the code to put in the pool and capture outside it.");
   });
   torch::cuda::CUDAPluggableAllocator::changeCurrentAllocator(allocator);
 }
@@ -100,7 +111,8 @@ def install_cuda_allocator():
         ops = load(cuda=True)
     except Exception as e:  # no CUDA headers or compiler here: degrade, but say so
         lost = ("torch.cuda.empty_cache/record_stream/set_per_process_memory_fraction will not reach torch_ellm "
-                "(use torch_ellm.empty_cache/record_stream instead)")
+                "(use torch_ellm.empty_cache/record_stream instead), and CUDA graph capture, which is not safe "
+                "with torch_ellm, will not be refused")
         try:  # the CPU shim needs no CUDA headers and still makes out of memory a torch.OutOfMemoryError
             install_oom_error(load(cuda=False))
         except Exception:

@@ -145,6 +145,24 @@ def test_scoped_mem_pool():
     assert out["sum"] == 4 * (8 << 20)
 
 
+def test_cuda_graph_capture_is_refused_and_the_process_goes_on():
+    out = run_python("""
+        import json, torch, torch_ellm
+        torch_ellm.enable(budget="1GiB")
+        x = torch.ones(1024, device="cuda")
+        try:
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                y = x * 2
+            error = ""
+        except RuntimeError as e:
+            error = str(e)
+        print(json.dumps({"error": error, "capturing": torch.cuda.is_current_stream_capturing(),
+                          "sum": (x + 1).sum().item()}))
+    """)
+    assert "CUDA graph capture is not supported under torch_ellm.enable()" in out["error"]
+    assert not out["capturing"] and out["sum"] == 2048
+
+
 # A small random Llama on the GPU under enable(), weights tagged.
 ENABLED_MODEL = """
 import json, torch, torch_ellm
