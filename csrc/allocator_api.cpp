@@ -125,6 +125,26 @@ ELLM_EXPORT int torch_ellm_record_stream_any(void* ptr, void* stream) {
   });
 }
 
+// A CUDA graph's private pool on `device` (PyTorch's beginAllocateToPool, endAllocateToPool,
+// releasePool): see CachingAllocator. filter(context, stream) says which allocations are the graph's.
+ELLM_EXPORT int torch_ellm_begin_allocate_to_pool(int device, uint64_t pool, CaptureFilter filter, void* context) {
+  return guarded([&] { allocator_for(device, true)->begin_allocate_to_pool(pool, filter, context); });
+}
+
+ELLM_EXPORT int torch_ellm_end_allocate_to_pool(int device, uint64_t pool) {
+  return guarded([&] {
+    auto a = allocator_for(device, false);
+    if (!a) throw InvalidArgument("end_allocate_to_pool on device " + std::to_string(device) + ", which has no allocator");
+    a->end_allocate_to_pool(pool);
+  });
+}
+
+ELLM_EXPORT int torch_ellm_release_pool(int device, uint64_t pool) {
+  return guarded([&] {
+    if (auto a = allocator_for(device, false)) a->release_pool(pool);  // none: the pool holds nothing here
+  });
+}
+
 ELLM_EXPORT int torch_ellm_empty_cache_all() {
   return guarded([&] {
     for (int d : active_devices()) {

@@ -106,7 +106,7 @@ void* CachingAllocator::hand_out_locked(std::unique_ptr<Block> b) {
   return reinterpret_cast<void*>(ptr);
 }
 
-void* CachingAllocator::take_slot_locked(Slab* slab, size_t size, uintptr_t stream, Tag tag) {
+void* CachingAllocator::take_slot_locked(Slab* slab, size_t size, const Key& key) {
   uintptr_t ptr = slab->free_slots.back();
   slab->free_slots.pop_back();
   if (slab->free_slots.empty()) {  // no longer open; it is usually the last one
@@ -114,19 +114,22 @@ void* CachingAllocator::take_slot_locked(Slab* slab, size_t size, uintptr_t stre
     slab->open->erase(std::next(it).base());
   }
   if (slab->used++ == 0) slab->chunk->busy_slabs += 1;
-  return hand_out_locked(std::make_unique<Block>(Block{ptr, size, slab->slot, stream, tag, slab, nullptr, {}, {}}));
+  return hand_out_locked(
+      std::make_unique<Block>(Block{ptr, size, slab->slot, key.stream, key.tag, key.pool, slab, nullptr, {}, {}}));
 }
 
 void* CachingAllocator::allocate(size_t size, uintptr_t stream, Tag tag) {
   if (size == 0) return nullptr;
   if (size > (size_t(1) << 47)) throw InvalidArgument("allocation of " + std::to_string(size) + " bytes is absurd");
+  const bool small = size <= small_limit_;
+  const Key key{routing_.load(std::memory_order_acquire) ? route(stream) : 0, stream, tag, small ? size_class(size) : 0};
   for (int attempt = 0;; ++attempt) {
     try {
-      if (size <= small_limit_) return allocate_small(size, size_class(size), stream, tag);
-      return allocate_large(size, stream, tag);
+      return small ? allocate_small(size, key) : allocate_large(size, key);
     } catch (const OutOfMemory& e) {
       // Like PyTorch: free every cached block, then try once more (the pool
       // itself has already deflated its consumers and borrowed host memory).
+      // During a capture nothing can be freed: the empty is skipped.
       std::vector<std::shared_ptr<VirtualTensor>> to_release;
       bool freed;
       {
@@ -145,28 +148,34 @@ void* CachingAllocator::allocate(size_t size, uintptr_t stream, Tag tag) {
   }
 }
 
-void* CachingAllocator::allocate_small(size_t size, size_t cls, uintptr_t stream, Tag tag) {
-  Key key{stream, tag, cls};
+uint64_t CachingAllocator::route(uintptr_t stream) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto it = captures_.rbegin(); it != captures_.rend(); ++it)
+    if (it->filter(it->context, stream)) return it->pool;
+  return 0;
+}
+
+void* CachingAllocator::allocate_small(size_t size, const Key& key) {
   // At least four slots where they fit in a chunk, in whole pages.
-  size_t pages = std::min(pages_per_chunk_, (std::max(page_, 4 * cls) + page_ - 1) / page_);
+  size_t pages = std::min(pages_per_chunk_, (std::max(page_, 4 * key.size_class) + page_ - 1) / page_);
   {
     std::lock_guard<std::mutex> lock(mu_);
     process_events_locked();
-    if (auto& open = slabs_[key].open; !open.empty()) return take_slot_locked(open.back(), size, stream, tag);
-    if (Slab* slab = carve_locked(key, pages)) return take_slot_locked(slab, size, stream, tag);
+    if (auto& open = slabs_[key].open; !open.empty()) return take_slot_locked(open.back(), size, key);
+    if (Slab* slab = carve_locked(key, pages)) return take_slot_locked(slab, size, key);
     // No room in our chunks. A new one if the pool has it free; else the pages
     // of our own empty slabs first, before the pool asks anyone else to shrink.
-    if (pool_->free_chunks(Location::Device, tag) == 0 && drop_empty_slabs_locked(&tag))
-      if (Slab* slab = carve_locked(key, pages)) return take_slot_locked(slab, size, stream, tag);
+    if (pool_->free_chunks(Location::Device, key.tag) == 0 && drop_empty_slabs_locked(&key.tag))
+      if (Slab* slab = carve_locked(key, pages)) return take_slot_locked(slab, size, key);
   }
   // A new chunk, made without our lock: the pool may call consumers that need the GIL.
-  auto range = std::make_shared<VirtualTensor>(pool_, chunk_, tag);
+  auto range = std::make_shared<VirtualTensor>(pool_, chunk_, key.tag);
   range->resize(chunk_);
   std::lock_guard<std::mutex> lock(mu_);
   add_reserved_locked(chunk_);
   segments_ += 1;
-  small_chunks_.push_back(std::make_unique<SmallChunk>(SmallChunk{range, tag}));
-  return take_slot_locked(carve_from_locked(*small_chunks_.back(), key, pages), size, stream, tag);
+  small_chunks_.push_back(std::make_unique<SmallChunk>(SmallChunk{range, key.tag}));
+  return take_slot_locked(carve_from_locked(*small_chunks_.back(), key, pages), size, key);
 }
 
 CachingAllocator::Slab* CachingAllocator::carve_locked(const Key& key, size_t pages) {
@@ -183,6 +192,7 @@ CachingAllocator::Slab* CachingAllocator::carve_from_locked(SmallChunk& chunk, c
     if (chunk.pages_used & run) continue;
     chunk.pages_used |= run;
     chunk.slabs += 1;
+    if (key.pool) chunk.private_slabs += 1;
     SlabList& list = slabs_[key];
     auto slab = std::make_unique<Slab>(Slab{&chunk, &list.open, first, pages, key.size_class, {}, 0});
     uintptr_t base = chunk.range->data_ptr() + first * page_;
@@ -194,8 +204,8 @@ CachingAllocator::Slab* CachingAllocator::carve_from_locked(SmallChunk& chunk, c
   return nullptr;
 }
 
-void* CachingAllocator::take_cached_large(size_t chunks, size_t size, uintptr_t stream, Tag tag) {
-  auto it_list = large_.find(Key{stream, tag, 0});
+void* CachingAllocator::take_cached_large(size_t chunks, size_t size, const Key& key) {
+  auto it_list = large_.find(key);
   if (it_list == large_.end()) return nullptr;
   auto& cached = it_list->second;
   // Best fit, accepting up to an eighth more than asked (one chunk for small
@@ -211,7 +221,8 @@ void* CachingAllocator::take_cached_large(size_t chunks, size_t size, uintptr_t 
 size_t CachingAllocator::cached_large_chunks_locked() const {
   size_t cached = 0;
   for (auto& [key, blocks] : large_)
-    for (auto& [n, b] : blocks) cached += n;
+    if (!key.pool)  // a private pool's blocks are its graph's until it is released
+      for (auto& [n, b] : blocks) cached += n;
   return cached;
 }
 
@@ -222,7 +233,7 @@ void CachingAllocator::recycle_cached_large_locked(size_t chunks,
     std::multimap<size_t, std::unique_ptr<Block>>* from = nullptr;
     std::multimap<size_t, std::unique_ptr<Block>>::iterator pick;
     for (auto& [key, blocks] : large_)
-      for (auto it = blocks.begin(); it != blocks.end(); ++it)
+      for (auto it = blocks.begin(); !key.pool && it != blocks.end(); ++it)
         if (!from || it->second->cached_at < pick->second->cached_at) {
           from = &blocks;
           pick = it;
@@ -236,9 +247,8 @@ void CachingAllocator::recycle_cached_large_locked(size_t chunks,
   reserved_ -= freed * chunk_;
 }
 
-std::unique_ptr<CachingAllocator::Block> CachingAllocator::take_resizable_locked(size_t chunks, uintptr_t stream,
-                                                                                Tag tag) {
-  auto it_list = large_.find(Key{stream, tag, 0});
+std::unique_ptr<CachingAllocator::Block> CachingAllocator::take_resizable_locked(size_t chunks, const Key& key) {
+  auto it_list = large_.find(key);
   if (it_list == large_.end()) return nullptr;
   auto& cached = it_list->second;
   auto best = cached.end();
@@ -253,14 +263,14 @@ std::unique_ptr<CachingAllocator::Block> CachingAllocator::take_resizable_locked
   return b;
 }
 
-void* CachingAllocator::allocate_large(size_t size, uintptr_t stream, Tag tag) {
+void* CachingAllocator::allocate_large(size_t size, const Key& key) {
   size_t chunks = (size + chunk_ - 1) / chunk_;
   std::unique_ptr<Block> b;
   std::vector<std::shared_ptr<VirtualTensor>> to_release;
   {
     std::lock_guard<std::mutex> lock(mu_);
     process_events_locked();
-    if (void* p = take_cached_large(chunks, size, stream, tag)) return p;
+    if (void* p = take_cached_large(chunks, size, key)) return p;
     // A miss. A cached block of this stream is resized in place (its range
     // reserves room to grow): only the difference is mapped or unmapped. Where
     // that needs new chunks while the pool is short, or would map more than
@@ -268,12 +278,14 @@ void* CachingAllocator::allocate_large(size_t size, uintptr_t stream, Tag tag) {
     // much larger than what is live, the stalest cached blocks give theirs back
     // first, as many as the difference or all there are (no retry, no one else
     // asked to shrink): reserved memory stays near what is live, for a
-    // synchronize on such misses only.
-    b = take_resizable_locked(chunks, stream, tag);
+    // synchronize on such misses only. A graph's private block or a capture
+    // underway gets a new range: a resize may unmap, and unmapping is neither
+    // allowed while capturing nor safe under a graph that replays.
+    if (!key.pool && !capturing_locked()) b = take_resizable_locked(chunks, key);
     size_t have = b ? b->capacity / chunk_ : 0;
-    if (have < chunks) {
+    if (have < chunks && !capturing_locked()) {
       size_t more = (chunks - have) * chunk_, cached = cached_large_chunks_locked();
-      bool pool_short = pool_->free_chunks(Location::Device, tag) * chunk_ < more;
+      bool pool_short = pool_->free_chunks(Location::Device, key.tag) * chunk_ < more;
       bool new_high = reserved_ + chunks * chunk_ > most_mapped_;  // b's chunks are out of reserved_ now
       if (cached > 0 && (pool_short || new_high || cached * chunk_ > kMaxCacheRatio * allocated_))
         recycle_cached_large_locked(std::min(cached, chunks - have), to_release);
@@ -298,9 +310,9 @@ void* CachingAllocator::allocate_large(size_t size, uintptr_t stream, Tag tag) {
     size_t reserve = 1;
     while (reserve < chunks) reserve *= 2;
     reserve = std::max(2 * reserve, (kLargeReserve + chunk_ - 1) / chunk_);
-    auto range = std::make_shared<VirtualTensor>(pool_, reserve * chunk_, tag);
+    auto range = std::make_shared<VirtualTensor>(pool_, reserve * chunk_, key.tag);
     range->resize(chunks * chunk_);
-    b = std::make_unique<Block>(Block{range->data_ptr(), size, 0, stream, tag, nullptr, range, {}, {}});
+    b = std::make_unique<Block>(Block{range->data_ptr(), size, 0, key.stream, key.tag, key.pool, nullptr, range, {}, {}});
     std::lock_guard<std::mutex> lock(mu_);
     segments_ += 1;
   }
@@ -320,6 +332,7 @@ void CachingAllocator::free(void* p) {
   live_.erase(it);
   count_alloc_locked(*b, -1);
   if (b->other_streams.empty()) return recycle_locked(std::move(b));
+  if (capturing_locked()) return deferred_.push_back(std::move(b));  // events once the captures end
   // Used on other streams: reusable once the work queued there so far is done.
   for (uintptr_t s : b->other_streams) b->events.push_back(pool_->backend().record_event(s));
   b->other_streams.clear();
@@ -347,6 +360,7 @@ void CachingAllocator::grant_access(void* p, int peer_device) {
 }
 
 void CachingAllocator::recycle_locked(std::unique_ptr<Block> b) {
+  if (b->pool && !private_pools_.count(b->pool)) b->pool = 0;  // its graph is gone (its slabs are shared already)
   if (Slab* slab = b->slab) {
     if (slab->free_slots.empty()) slab->open->push_back(slab);
     slab->free_slots.push_back(b->ptr);
@@ -355,10 +369,73 @@ void CachingAllocator::recycle_locked(std::unique_ptr<Block> b) {
   }
   size_t chunks = b->capacity / chunk_;
   b->cached_at = ++cache_clock_;
-  large_[Key{b->stream, b->tag, 0}].emplace(chunks, std::move(b));
+  large_[Key{b->pool, b->stream, b->tag, 0}].emplace(chunks, std::move(b));
+}
+
+void CachingAllocator::begin_allocate_to_pool(uint64_t pool, CaptureFilter filter, void* context) {
+  if (pool == 0) throw InvalidArgument("a private pool's id must not be 0, the shared cache's");
+  if (!filter) throw InvalidArgument("begin_allocate_to_pool needs a filter");
+  std::lock_guard<std::mutex> lock(mu_);
+  captures_.push_back(Capture{pool, filter, context});
+  private_pools_.insert(pool);
+  routing_.store(true, std::memory_order_release);
+}
+
+void CachingAllocator::end_allocate_to_pool(uint64_t pool) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = std::find_if(captures_.rbegin(), captures_.rend(), [pool](const Capture& c) { return c.pool == pool; });
+  if (it == captures_.rend())
+    throw InvalidArgument("end_allocate_to_pool(" + std::to_string(pool) + ") without a capture into that pool");
+  captures_.erase(std::next(it).base());
+  if (capturing_locked()) return;
+  routing_.store(false, std::memory_order_release);
+  // Blocks freed during the captures that other streams used: their events, now that recording is allowed.
+  while (!deferred_.empty()) {
+    Block& b = *deferred_.back();
+    for (uintptr_t s : b.other_streams) b.events.push_back(pool_->backend().record_event(s));
+    b.other_streams.clear();
+    pending_.push_back(std::move(deferred_.back()));
+    deferred_.pop_back();
+  }
+}
+
+void CachingAllocator::release_pool(uint64_t pool) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (std::any_of(captures_.begin(), captures_.end(), [pool](const Capture& c) { return c.pool == pool; }))
+    throw InvalidArgument("release_pool(" + std::to_string(pool) + ") while a capture into it is underway");
+  if (!private_pools_.erase(pool)) return;  // never routed here, or released already
+  // Its graph is gone: its cached blocks and its slabs join the shared cache (keys of pool 0 sort
+  // first, so the loops never meet what they move); its live blocks join when they are freed.
+  for (auto it = large_.begin(); it != large_.end();) {
+    if (it->first.pool != pool) {
+      ++it;
+      continue;
+    }
+    auto& shared = large_[Key{0, it->first.stream, it->first.tag, 0}];
+    for (auto& [chunks, b] : it->second) {
+      b->pool = 0;
+      shared.emplace(chunks, std::move(b));
+    }
+    it = large_.erase(it);
+  }
+  for (auto it = slabs_.begin(); it != slabs_.end();) {
+    if (it->first.pool != pool) {
+      ++it;
+      continue;
+    }
+    SlabList& shared = slabs_[Key{0, it->first.stream, it->first.tag, it->first.size_class}];
+    for (auto& slab : it->second.all) {
+      slab->open = &shared.open;
+      slab->chunk->private_slabs -= 1;
+      shared.all.push_back(std::move(slab));
+    }
+    shared.open.insert(shared.open.end(), it->second.open.begin(), it->second.open.end());
+    it = slabs_.erase(it);
+  }
 }
 
 void CachingAllocator::process_events_locked() {
+  if (capturing_locked()) return;  // querying an event is illegal while capturing
   auto& backend = pool_->backend();
   for (size_t i = 0; i < pending_.size();) {
     auto& ev = pending_[i]->events;
@@ -374,16 +451,18 @@ void CachingAllocator::process_events_locked() {
 }
 
 bool CachingAllocator::drop_empty_slabs_locked(const Tag* tag) {
+  if (capturing_locked()) return false;  // it would synchronize
   auto droppable = [tag](const Slab& s) { return s.used == 0 && (!tag || s.chunk->tag == *tag); };
   bool any = false;
   for (auto& [key, list] : slabs_)
-    for (auto& slab : list.all) any = any || droppable(*slab);
+    for (auto& slab : list.all) any = any || (!key.pool && droppable(*slab));
   if (!any) return false;
   // The freed pages may go to a slab of another stream next, while work queued
   // on the old one may still use them: let that work finish. First, so that a
   // failure leaves everything as it was.
   pool_->synchronize();
   for (auto& [key, list] : slabs_) {
+    if (key.pool) continue;  // a graph's: its replays write them
     list.open.erase(std::remove_if(list.open.begin(), list.open.end(), [&](Slab* s) { return droppable(*s); }),
                     list.open.end());
     auto dropped = std::stable_partition(list.all.begin(), list.all.end(), [&](const auto& s) { return !droppable(*s); });
@@ -398,6 +477,8 @@ bool CachingAllocator::drop_empty_slabs_locked(const Tag* tag) {
 
 size_t CachingAllocator::empty_cache_locked(std::vector<std::shared_ptr<VirtualTensor>>& to_release,
                                             bool* pages_freed) {
+  if (pages_freed) *pages_freed = false;
+  if (capturing_locked()) return 0;  // unmapping synchronizes, which is illegal while capturing
   process_events_locked();
   size_t freed = 0, released = to_release.size();
   bool dropped = drop_empty_slabs_locked(nullptr);
@@ -410,6 +491,7 @@ size_t CachingAllocator::empty_cache_locked(std::vector<std::shared_ptr<VirtualT
   small_chunks_.erase(busy, small_chunks_.end());
   if (pages_freed) *pages_freed = dropped;
   for (auto& [key, cached] : large_) {
+    if (key.pool) continue;  // a graph's until it is released
     for (auto& [chunks, b] : cached) {
       to_release.push_back(b->range);
       freed += chunks * chunk_;
@@ -425,7 +507,8 @@ size_t CachingAllocator::empty_cache_locked(std::vector<std::shared_ptr<VirtualT
 size_t CachingAllocator::cached_bytes() const {
   std::lock_guard<std::mutex> lock(mu_);
   size_t bytes = 0;
-  for (auto& chunk : small_chunks_) bytes += chunk->busy_slabs ? 0 : chunk_;  // a block in use keeps it mapped
+  for (auto& chunk : small_chunks_)  // a block in use, or a graph's slab, keeps it mapped
+    bytes += chunk->busy_slabs || chunk->private_slabs ? 0 : chunk_;
   return bytes + cached_large_chunks_locked() * chunk_;
 }
 
@@ -469,7 +552,7 @@ bool CachingAllocator::owns(void* p) const {
 
 size_t CachingAllocator::live_blocks() const {
   std::lock_guard<std::mutex> lock(mu_);
-  return live_.size() + pending_.size();
+  return live_.size() + pending_.size() + deferred_.size();
 }
 
 void CachingAllocator::reset_peak_stats() {

@@ -6,11 +6,19 @@
 // from anywhere in the pool, so a large block needs free chunks, never
 // contiguous physical memory. Freed blocks are cached per stream and reused on
 // that stream without a driver call.
+//
+// CUDA graphs: while a graph is captured, the allocations its filter claims go
+// to the graph's private pool, whose blocks only that pool reuses (its replays
+// keep writing them) and which nothing unmaps until the pool is released.
+// While any capture is underway the allocator queries no event, synchronizes
+// nothing and unmaps nothing: all three are illegal during a capture.
 #pragma once
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -19,6 +27,9 @@
 #include "virtual_tensor.h"
 
 namespace ellm {
+
+// Whether an allocation on `stream` belongs to a capture (PyTorch's filter, behind a C call).
+using CaptureFilter = int (*)(void* context, uintptr_t stream);
 
 class CachingAllocator {
  public:
@@ -34,6 +45,12 @@ class CachingAllocator {
   void record_stream(void* ptr, uintptr_t stream);
   // Let another device use the block's whole mapped range.
   void grant_access(void* ptr, int peer_device);
+  // CUDA graph private pools (pool: a nonzero id). From begin until end, allocations for which
+  // filter(context, stream) holds come from the pool; release (the graph is gone) returns its
+  // blocks to the shared cache, the live ones when they are freed.
+  void begin_allocate_to_pool(uint64_t pool, CaptureFilter filter, void* context);
+  void end_allocate_to_pool(uint64_t pool);
+  void release_pool(uint64_t pool);
   // Unmap every cached block; chunks go back to the pool. Returns bytes freed.
   size_t empty_cache();
   size_t cached_bytes() const;
@@ -51,6 +68,7 @@ class CachingAllocator {
     uint32_t pages_used = 0;  // bit i: page i belongs to a slab
     size_t slabs = 0;         // slabs carved from it
     size_t busy_slabs = 0;    // of those, the ones with a block handed out
+    size_t private_slabs = 0; // of those, the ones of a graph's private pool (they keep it mapped)
   };
   struct Block {
     uintptr_t ptr;
@@ -58,6 +76,7 @@ class CachingAllocator {
     size_t capacity;   // bytes the block occupies (slot or mapped range)
     uintptr_t stream;
     Tag tag;
+    uint64_t pool;                           // 0: the shared cache; else a graph's private pool
     Slab* slab;                              // small blocks
     std::shared_ptr<VirtualTensor> range;    // large blocks
     std::vector<uintptr_t> other_streams;
@@ -76,23 +95,33 @@ class CachingAllocator {
     std::vector<std::unique_ptr<Slab>> all;
     std::vector<Slab*> open;  // those with a free slot: a hit costs no search
   };
-  // Free lists are keyed by stream and tag: reuse stays on the stream that
-  // freed a block, and pool stats by tag stay exact.
+  // Free lists are keyed by private pool, stream and tag: reuse stays in a
+  // graph's pool and on the stream that freed a block, and pool stats by tag
+  // stay exact.
   struct Key {
+    uint64_t pool;
     uintptr_t stream;
     Tag tag;
     size_t size_class;
     bool operator<(const Key& o) const {
-      return std::tie(stream, tag, size_class) < std::tie(o.stream, o.tag, o.size_class);
+      return std::tie(pool, stream, tag, size_class) < std::tie(o.pool, o.stream, o.tag, o.size_class);
     }
+  };
+  struct Capture {
+    uint64_t pool;
+    CaptureFilter filter;
+    void* context;
   };
 
   size_t size_class(size_t size) const;
-  void* allocate_small(size_t size, size_t cls, uintptr_t stream, Tag tag);
-  void* allocate_large(size_t size, uintptr_t stream, Tag tag);
-  void* take_cached_large(size_t chunks, size_t size, uintptr_t stream, Tag tag);
+  // The private pool an allocation on `stream` goes to now; 0 for the shared cache.
+  uint64_t route(uintptr_t stream);
+  bool capturing_locked() const { return !captures_.empty(); }
+  void* allocate_small(size_t size, const Key& key);
+  void* allocate_large(size_t size, const Key& key);
+  void* take_cached_large(size_t chunks, size_t size, const Key& key);
   void recycle_locked(std::unique_ptr<Block> b);
-  std::unique_ptr<Block> take_resizable_locked(size_t chunks, uintptr_t stream, Tag tag);
+  std::unique_ptr<Block> take_resizable_locked(size_t chunks, const Key& key);
   size_t cached_large_chunks_locked() const;
   // Unmap cached large blocks, least recently freed first, worth at least `chunks` chunks or all there are.
   void recycle_cached_large_locked(size_t chunks, std::vector<std::shared_ptr<VirtualTensor>>& to_release);
@@ -107,7 +136,7 @@ class CachingAllocator {
   void add_reserved_locked(size_t bytes);
   // Record b as live and return its pointer.
   void* hand_out_locked(std::unique_ptr<Block> b);
-  void* take_slot_locked(Slab* slab, size_t size, uintptr_t stream, Tag tag);
+  void* take_slot_locked(Slab* slab, size_t size, const Key& key);
   // A new slab of class cls in a chunk of tag with `pages` free pages in a row; null if none has.
   Slab* carve_locked(const Key& key, size_t pages);
   Slab* carve_from_locked(SmallChunk& chunk, const Key& key, size_t pages);
@@ -123,6 +152,10 @@ class CachingAllocator {
   std::map<Key, SlabList> slabs_;                                       // small: slabs by class
   std::map<Key, std::multimap<size_t, std::unique_ptr<Block>>> large_;  // large: cached blocks by chunks
   std::vector<std::unique_ptr<Block>> pending_;                         // freed, waiting on events
+  std::vector<std::unique_ptr<Block>> deferred_;  // freed during a capture, used on other streams: events after it
+  std::vector<Capture> captures_;                 // underway
+  std::set<uint64_t> private_pools_;              // begun and not released
+  std::atomic<bool> routing_{false};              // captures_ is not empty: allocations ask route()
   uint64_t cache_clock_ = 0;  // orders cached large blocks by when they were freed
   size_t most_mapped_ = 0;    // the most reserved_ has been since the cache was last emptied
   // Counters with PyTorch's names (memory_stats()).

@@ -53,6 +53,7 @@ struct Driver {
   CUresult (*EventRecord)(CUevent, CUstream) = nullptr;
   CUresult (*EventQuery)(CUevent) = nullptr;
   CUresult (*EventDestroy)(CUevent) = nullptr;
+  CUresult (*ThreadExchangeStreamCaptureMode)(CUstreamCaptureMode*) = nullptr;
 
   // "cuMemMap failed: CUDA_ERROR_OUT_OF_MEMORY (2): out of memory".
   void check(const char* call, CUresult result) const {
@@ -126,6 +127,7 @@ Driver load_driver() {
   resolve("cuEventRecord", d.EventRecord);
   resolve("cuEventQuery", d.EventQuery);
   resolve("cuEventDestroy", d.EventDestroy);
+  resolve("cuThreadExchangeStreamCaptureMode", d.ThreadExchangeStreamCaptureMode);
   d.check("cuInit", d.Init(0));
   return d;
 }
@@ -194,7 +196,7 @@ class CudaBackend final : public Backend {
   uintptr_t reserve(size_t bytes) override {
     require_multiple("reserve", bytes, granularity_);
     CUdeviceptr ptr = 0;
-    in_context([&] { d_.check("cuMemAddressReserve", d_.MemAddressReserve(&ptr, bytes, granularity_, 0, 0)); });
+    mapping([&] { d_.check("cuMemAddressReserve", d_.MemAddressReserve(&ptr, bytes, granularity_, 0, 0)); });
     return static_cast<uintptr_t>(ptr);
   }
 
@@ -211,7 +213,7 @@ class CudaBackend final : public Backend {
                            " bytes)",
                        bytes, host_granularity(prop));
     CUmemGenericAllocationHandle h = 0;
-    in_context([&] { d_.check("cuMemCreate", d_.MemCreate(&h, bytes, &prop, 0)); });
+    mapping([&] { d_.check("cuMemCreate", d_.MemCreate(&h, bytes, &prop, 0)); });
     return h;
   }
 
@@ -220,7 +222,7 @@ class CudaBackend final : public Backend {
   }
 
   void map(uintptr_t addr, size_t bytes, Handle h) override {
-    in_context([&] { d_.check("cuMemMap", d_.MemMap(addr, bytes, 0, h, 0)); });
+    mapping([&] { d_.check("cuMemMap", d_.MemMap(addr, bytes, 0, h, 0)); });
   }
 
   // Device access is what the pool needs, whether the chunk behind the range
@@ -230,7 +232,7 @@ class CudaBackend final : public Backend {
     access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
     access.location.id = dev_;
     access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
-    in_context([&] { d_.check("cuMemSetAccess", d_.MemSetAccess(addr, bytes, &access, 1)); });
+    mapping([&] { d_.check("cuMemSetAccess", d_.MemSetAccess(addr, bytes, &access, 1)); });
   }
 
   void unmap(uintptr_t addr, size_t bytes) override {
@@ -366,10 +368,27 @@ class CudaBackend final : public Backend {
     });
   }
 
+  // Reserving, creating and mapping memory, in relaxed capture mode: a CUDA graph captured meanwhile
+  // (by this thread or, in global mode, any other) would otherwise refuse these calls, and the
+  // allocator maps new memory for a graph's private pool during its capture, as PyTorch's own
+  // allocator does with cudaMalloc. Nothing here is stream work, so nothing is captured.
+  template <typename F>
+  void mapping(F&& f) const {
+    CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
+    d_.check("cuThreadExchangeStreamCaptureMode", d_.ThreadExchangeStreamCaptureMode(&mode));
+    try {
+      in_context(f);
+    } catch (...) {
+      (void)d_.ThreadExchangeStreamCaptureMode(&mode);  // best effort: f's error is the one to report
+      throw;
+    }
+    d_.check("cuThreadExchangeStreamCaptureMode", d_.ThreadExchangeStreamCaptureMode(&mode));
+  }
+
   // Runs f with our primary context current on this thread. A thread that had
   // none keeps ours afterwards, as after any PyTorch CUDA call; a thread bound
   // to another device's context gets it back, so we never sync the wrong device.
-  template <class F>
+  template <typename F>
   void in_context(F&& f) const {
     CUcontext previous = nullptr;
     d_.check("cuCtxGetCurrent", d_.CtxGetCurrent(&previous));

@@ -7,8 +7,8 @@ TORCH_EXTENSIONS_DIR; the first build takes about a minute):
   allocator into a plain RuntimeError (PyTorch issue 133280), so the allocator calls a thrower
   here that raises c10::OutOfMemoryError;
 - on CUDA, the allocator is made through PyTorch's C++ pluggable-allocator API, which, unlike the
-  Python one, takes the reset (empty_cache), memory-fraction and record_stream hooks, and the hook
-  through which CUDA graph capture is refused.
+  Python one, takes the reset (empty_cache), memory-fraction and record_stream hooks, and those that
+  give CUDA graphs private pools.
 """
 import ctypes
 import warnings
@@ -32,13 +32,33 @@ int64_t thrower_address() { return reinterpret_cast<int64_t>(&torch_ellm_throw_o
 void raise_oom(const std::string& message) { torch_ellm_throw_oom(message.c_str()); }
 
 #ifdef ELLM_CUDA_HOOKS
+#include <map>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+// A CUDA graph's filter (which allocations its capture makes), alive from begin to end of each capture
+// into a pool, handed to torch_ellm._C as a context pointer and called through filter_call.
+using Filter = std::function<bool(cudaStream_t)>;
+std::mutex filters_mu;
+std::map<std::pair<int, uint64_t>, std::vector<std::unique_ptr<Filter>>> filters;
+
+int filter_call(void* context, uintptr_t stream) {
+  return (*static_cast<Filter*>(context))(reinterpret_cast<cudaStream_t>(stream)) ? 1 : 0;
+}
+
 // The entry points of torch_ellm._C, passed in as addresses (the shim cannot link that module).
-void install_allocator(int64_t alloc, int64_t free, int64_t record_stream, int64_t reset, int64_t fraction) {
+void install_allocator(int64_t alloc, int64_t free, int64_t record_stream, int64_t reset, int64_t fraction,
+                       int64_t begin_pool, int64_t end_pool, int64_t release_pool, int64_t last_error) {
   auto alloc_fn = reinterpret_cast<void* (*)(ssize_t, int, void*)>(alloc);
   auto free_fn = reinterpret_cast<void (*)(void*, ssize_t, int, void*)>(free);
   auto record_fn = reinterpret_cast<int (*)(void*, void*)>(record_stream);
   auto reset_fn = reinterpret_cast<int (*)()>(reset);
   auto fraction_fn = reinterpret_cast<int (*)(double, int)>(fraction);
+  auto begin_fn = reinterpret_cast<int (*)(int, uint64_t, int (*)(void*, uintptr_t), void*)>(begin_pool);
+  auto end_fn = reinterpret_cast<int (*)(int, uint64_t)>(end_pool);
+  auto release_fn = reinterpret_cast<int (*)(int, uint64_t)>(release_pool);
+  auto error_fn = reinterpret_cast<const char* (*)()>(last_error);
   using torch::cuda::CUDAPluggableAllocator::CUDAPluggableAllocator;
   auto allocator = torch::cuda::CUDAPluggableAllocator::createCustomAllocator(
       [alloc_fn](size_t size, int device, cudaStream_t stream) {
@@ -55,15 +75,26 @@ void install_allocator(int64_t alloc, int64_t free, int64_t record_stream, int64
   hooks->set_memory_fraction_fn([fraction_fn](double f, int device) {
     TORCH_CHECK(fraction_fn(f, device) == 0, "torch_ellm: cannot set the memory fraction to ", f);
   });
-  // A CUDA graph's private pool (id {graph uid, 0}) must keep its blocks for the graph's replays; this
-  // allocator would cache them for everyone, and a replay would write into other tensors. Refused, before
-  // the capture begins. A user MemPool (id {0, uid}: use_mem_pool) under enable() stays in the pool.
-  hooks->set_begin_allocate_to_pool([](int, c10::cuda::MempoolId_t id, std::function<bool(cudaStream_t)>) {
-    TORCH_CHECK(id.first == 0,
-                "torch_ellm: CUDA graph capture is not supported under torch_ellm.enable() yet: the graph's ",
-                "private memory would be cached for other tensors, and its replays would overwrite them. ",
-                "Capture in a process without enable(), or use the scoped route (torch.cuda.use_mem_pool("
-                "torch_ellm.mem_pool())) for the code to put in the pool and capture outside it.");
+  // CUDA graphs get private pools. A user MemPool's id is {0, uid} (torch.cuda.use_mem_pool): under
+  // enable() its allocations stay in the elastic pool, so those ids are not routed.
+  hooks->set_begin_allocate_to_pool([begin_fn, error_fn](int device, c10::cuda::MempoolId_t id, Filter filter) {
+    if (id.first == 0) return;
+    auto owned = std::make_unique<Filter>(std::move(filter));
+    std::lock_guard<std::mutex> lock(filters_mu);
+    TORCH_CHECK(begin_fn(device, id.first, &filter_call, owned.get()) == 0, "torch_ellm: ", error_fn());
+    filters[{device, id.first}].push_back(std::move(owned));
+  });
+  hooks->set_end_allocate_to_pool_fn([end_fn, error_fn](int device, c10::cuda::MempoolId_t id) {
+    if (id.first == 0) return;
+    std::lock_guard<std::mutex> lock(filters_mu);
+    TORCH_CHECK(end_fn(device, id.first) == 0, "torch_ellm: ", error_fn());
+    auto it = filters.find({device, id.first});
+    it->second.pop_back();  // the allocator ended the latest capture into the pool, as here
+    if (it->second.empty()) filters.erase(it);
+  });
+  hooks->set_release_pool([release_fn, error_fn](int device, c10::cuda::MempoolId_t id) {
+    if (id.first == 0) return;
+    TORCH_CHECK(release_fn(device, id.first) == 0, "torch_ellm: ", error_fn());
   });
   torch::cuda::CUDAPluggableAllocator::changeCurrentAllocator(allocator);
 }
@@ -73,7 +104,8 @@ TORCH_LIBRARY(torch_ellm_shim, m) {
   m.def("thrower_address() -> int", &thrower_address);
   m.def("raise_oom(str message) -> ()", &raise_oom);
 #ifdef ELLM_CUDA_HOOKS
-  m.def("install_allocator(int alloc, int free, int record_stream, int reset, int fraction) -> ()",
+  m.def("install_allocator(int alloc, int free, int record_stream, int reset, int fraction, int begin_pool, "
+        "int end_pool, int release_pool, int last_error) -> ()",
         &install_allocator);
 #endif
 }
@@ -111,8 +143,8 @@ def install_cuda_allocator():
         ops = load(cuda=True)
     except Exception as e:  # no CUDA headers or compiler here: degrade, but say so
         lost = ("torch.cuda.empty_cache/record_stream/set_per_process_memory_fraction will not reach torch_ellm "
-                "(use torch_ellm.empty_cache/record_stream instead), and CUDA graph capture, which is not safe "
-                "with torch_ellm, will not be refused")
+                "(use torch_ellm.empty_cache/record_stream instead), and CUDA graphs get no private pools: do not "
+                "capture any")
         try:  # the CPU shim needs no CUDA headers and still makes out of memory a torch.OutOfMemoryError
             install_oom_error(load(cuda=False))
         except Exception:
@@ -122,6 +154,9 @@ def install_cuda_allocator():
     lib = ctypes.CDLL(_C.__file__)
     ops.install_allocator(*(_address(lib, n) for n in ("torch_ellm_alloc", "torch_ellm_free",
                                                          "torch_ellm_record_stream_any", "torch_ellm_empty_cache_all",
-                                                         "torch_ellm_set_memory_fraction")))
+                                                         "torch_ellm_set_memory_fraction",
+                                                         "torch_ellm_begin_allocate_to_pool",
+                                                         "torch_ellm_end_allocate_to_pool", "torch_ellm_release_pool",
+                                                         "torch_ellm_last_error")))
     install_oom_error(ops)
     return True

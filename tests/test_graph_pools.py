@@ -1,0 +1,121 @@
+"""CUDA graph private pools in the caching allocator, driven through the C entry points PyTorch's
+hooks call (beginAllocateToPool, endAllocateToPool, releasePool), over the host backend. A capture
+is stood for by its filter: here, the allocations on stream 7 are the graph's."""
+import ctypes
+
+import pytest
+
+import torch_ellm
+from test_allocator import INVALID, OK, OOM, KiB, MiB, alloc, assert_all_returned, configure, free, last_error, lib, \
+    stats, try_alloc
+
+FILTER = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)  # (context, stream) -> claimed
+lib.torch_ellm_begin_allocate_to_pool.argtypes = [ctypes.c_int, ctypes.c_uint64, FILTER, ctypes.c_void_p]
+lib.torch_ellm_end_allocate_to_pool.argtypes = [ctypes.c_int, ctypes.c_uint64]
+lib.torch_ellm_release_pool.argtypes = [ctypes.c_int, ctypes.c_uint64]
+
+CAPTURED = 7  # the stream the graph is captured on
+on_captured_stream = FILTER(lambda context, stream: int(stream == CAPTURED))
+# A slab block (the small limit is a quarter of the 64 KiB chunk), a large block of a few chunks,
+# and one of many.
+SIZES = [4 * KiB, 300 * KiB, 3 * MiB]
+
+
+def begin(pool):
+    assert lib.torch_ellm_begin_allocate_to_pool(0, pool, on_captured_stream, None) == OK, last_error()
+
+
+def end(pool):
+    assert lib.torch_ellm_end_allocate_to_pool(0, pool) == OK, last_error()
+
+
+def release(pool):
+    assert lib.torch_ellm_release_pool(0, pool) == OK, last_error()
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_a_graph_block_is_reused_by_its_pool_only(size):
+    configure("64MiB")
+    begin(1)
+    graph = alloc(size, CAPTURED)
+    free(graph)  # an intermediate of the graph: the same capture may reuse it
+    assert alloc(size, CAPTURED) == graph
+    free(graph)
+    end(1)
+    eager = alloc(size, CAPTURED)  # after the capture, on the same stream: the graph's replays write there
+    assert eager != graph
+    begin(1)  # a later capture into the same pool (graphs sharing it) gets it back
+    assert alloc(size, CAPTURED) == graph
+    free(graph)
+    end(1)
+    free(eager)
+    release(1)
+    assert_all_returned()
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_allocations_the_filter_does_not_claim_stay_in_the_shared_cache(size):
+    configure("64MiB")
+    begin(1)
+    other = alloc(size, stream=8)
+    free(other)
+    end(1)
+    assert alloc(size, stream=8) == other
+    free(other)
+    release(1)
+    assert_all_returned()
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_empty_cache_keeps_a_graph_pool_until_it_is_released(size):
+    configure("64MiB")
+    begin(1)
+    free(alloc(size, CAPTURED))
+    end(1)
+    torch_ellm.empty_cache()
+    assert stats()["reserved_bytes.all.current"] >= size  # still the graph's
+    release(1)
+    assert_all_returned()
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_a_block_live_when_its_graph_is_released_joins_the_shared_cache_when_freed(size):
+    configure("64MiB")
+    begin(1)
+    output = alloc(size, CAPTURED)  # a graph output the program still holds
+    end(1)
+    release(1)
+    free(output)
+    assert alloc(size, CAPTURED) == output
+    free(output)
+    assert_all_returned()
+
+
+def test_nothing_is_unmapped_while_capturing():
+    """Unmapping synchronizes, which a capture forbids: a capture that needs the shared cache's chunks
+    gets out of memory instead; once it has ended, the same request recycles them."""
+    configure("1MiB")  # 16 chunks
+    free(alloc(768 * KiB, stream=0))  # 12 chunks cached
+    begin(1)
+    code, _ = try_alloc(768 * KiB, CAPTURED)
+    assert code == OOM, last_error()
+    assert stats()["reserved_bytes.all.current"] == 768 * KiB  # the cached block is still there
+    end(1)
+    free(alloc(768 * KiB, CAPTURED))
+    release(1)
+    assert_all_returned()
+
+
+def test_bad_calls_get_clear_errors():
+    configure("64MiB")
+    assert lib.torch_ellm_begin_allocate_to_pool(0, 0, on_captured_stream, None) == INVALID
+    assert "must not be 0" in last_error()
+    assert lib.torch_ellm_end_allocate_to_pool(0, 5) == INVALID
+    assert "without a capture into that pool" in last_error()
+    begin(5)
+    assert lib.torch_ellm_release_pool(0, 5) == INVALID
+    assert "while a capture into it is underway" in last_error()
+    end(5)
+    release(5)
+    release(5)  # again, or a pool never seen: nothing to do
+    assert_all_returned()
