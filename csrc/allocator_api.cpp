@@ -45,8 +45,9 @@ void configure_allocators(const AllocatorConfig& c) {
     throw InvalidArgument("unknown allocator backend '" + c.backend + "': expected 'host' or 'cuda'");
   std::lock_guard<std::mutex> lock(registry_mu);
   for (auto& a : allocators)
-    if (a && a->live_blocks())
-      throw InvalidArgument("the allocator has live allocations; free them before configuring it again");
+    if (a && a->busy())
+      throw InvalidArgument("the allocator has live allocations or CUDA graph pools; free them (and the graphs) "
+                            "before configuring it again");
   // Idle allocators are dropped: the next allocation makes one with the new settings.
   for (auto& a : allocators) a.reset();
   config = c;

@@ -234,7 +234,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_oom_thrower", [](uintptr_t fn) { set_oom_thrower(reinterpret_cast<OomThrower>(fn)); });
 
   py::class_<VirtualTensor, std::shared_ptr<VirtualTensor>>(m, "VirtualTensor")
-      .def("resize", &VirtualTensor::resize, release_gil())
+      .def("resize", &VirtualTensor::resize, py::arg("nbytes"), py::arg("may_deflate") = true, release_gil())
       .def("try_resize", &VirtualTensor::try_resize, release_gil())
       .def("release", &VirtualTensor::release, release_gil())
       .def("data_ptr", &VirtualTensor::data_ptr)

@@ -158,8 +158,10 @@ uint64_t CachingAllocator::route(uintptr_t stream) {
 void* CachingAllocator::allocate_small(size_t size, const Key& key) {
   // At least four slots where they fit in a chunk, in whole pages.
   size_t pages = std::min(pages_per_chunk_, (std::max(page_, 4 * key.size_class) + page_ - 1) / page_);
+  bool capturing;
   {
     std::lock_guard<std::mutex> lock(mu_);
+    capturing = capturing_locked();
     process_events_locked();
     if (auto& open = slabs_[key].open; !open.empty()) return take_slot_locked(open.back(), size, key);
     if (Slab* slab = carve_locked(key, pages)) return take_slot_locked(slab, size, key);
@@ -168,9 +170,10 @@ void* CachingAllocator::allocate_small(size_t size, const Key& key) {
     if (pool_->free_chunks(Location::Device, key.tag) == 0 && drop_empty_slabs_locked(&key.tag))
       if (Slab* slab = carve_locked(key, pages)) return take_slot_locked(slab, size, key);
   }
-  // A new chunk, made without our lock: the pool may call consumers that need the GIL.
+  // A new chunk, made without our lock: the pool may call consumers that need the GIL. While a
+  // capture is underway, none: they would unmap, borrow or copy, and synchronize.
   auto range = std::make_shared<VirtualTensor>(pool_, chunk_, key.tag);
-  range->resize(chunk_);
+  range->resize(chunk_, !capturing);
   std::lock_guard<std::mutex> lock(mu_);
   add_reserved_locked(chunk_);
   segments_ += 1;
@@ -267,8 +270,10 @@ void* CachingAllocator::allocate_large(size_t size, const Key& key) {
   size_t chunks = (size + chunk_ - 1) / chunk_;
   std::unique_ptr<Block> b;
   std::vector<std::shared_ptr<VirtualTensor>> to_release;
+  bool capturing;
   {
     std::lock_guard<std::mutex> lock(mu_);
+    capturing = capturing_locked();
     process_events_locked();
     if (void* p = take_cached_large(chunks, size, key)) return p;
     // A miss. A cached block of this stream is resized in place (its range
@@ -281,9 +286,9 @@ void* CachingAllocator::allocate_large(size_t size, const Key& key) {
     // synchronize on such misses only. A graph's private block or a capture
     // underway gets a new range: a resize may unmap, and unmapping is neither
     // allowed while capturing nor safe under a graph that replays.
-    if (!key.pool && !capturing_locked()) b = take_resizable_locked(chunks, key);
+    if (!key.pool && !capturing) b = take_resizable_locked(chunks, key);
     size_t have = b ? b->capacity / chunk_ : 0;
-    if (have < chunks && !capturing_locked()) {
+    if (have < chunks && !capturing) {
       size_t more = (chunks - have) * chunk_, cached = cached_large_chunks_locked();
       bool pool_short = pool_->free_chunks(Location::Device, key.tag) * chunk_ < more;
       bool new_high = reserved_ + chunks * chunk_ > most_mapped_;  // b's chunks are out of reserved_ now
@@ -311,7 +316,7 @@ void* CachingAllocator::allocate_large(size_t size, const Key& key) {
     while (reserve < chunks) reserve *= 2;
     reserve = std::max(2 * reserve, (kLargeReserve + chunk_ - 1) / chunk_);
     auto range = std::make_shared<VirtualTensor>(pool_, reserve * chunk_, key.tag);
-    range->resize(chunks * chunk_);
+    range->resize(chunks * chunk_, !capturing);  // see allocate_small
     b = std::make_unique<Block>(Block{range->data_ptr(), size, 0, key.stream, key.tag, key.pool, nullptr, range, {}, {}});
     std::lock_guard<std::mutex> lock(mu_);
     segments_ += 1;
@@ -360,7 +365,7 @@ void CachingAllocator::grant_access(void* p, int peer_device) {
 }
 
 void CachingAllocator::recycle_locked(std::unique_ptr<Block> b) {
-  if (b->pool && !private_pools_.count(b->pool)) b->pool = 0;  // its graph is gone (its slabs are shared already)
+  if (b->pool && !pool_uses_.count(b->pool)) b->pool = 0;  // its pool is gone (its slabs are shared already)
   if (Slab* slab = b->slab) {
     if (slab->free_slots.empty()) slab->open->push_back(slab);
     slab->free_slots.push_back(b->ptr);
@@ -376,17 +381,19 @@ void CachingAllocator::begin_allocate_to_pool(uint64_t pool, CaptureFilter filte
   if (pool == 0) throw InvalidArgument("a private pool's id must not be 0, the shared cache's");
   if (!filter) throw InvalidArgument("begin_allocate_to_pool needs a filter");
   std::lock_guard<std::mutex> lock(mu_);
+  if (std::any_of(captures_.begin(), captures_.end(), [pool](const Capture& c) { return c.pool == pool; }))
+    throw InvalidArgument("begin_allocate_to_pool: already allocating to private pool " + std::to_string(pool));
   captures_.push_back(Capture{pool, filter, context});
-  private_pools_.insert(pool);
+  pool_uses_[pool] += 1;
   routing_.store(true, std::memory_order_release);
 }
 
 void CachingAllocator::end_allocate_to_pool(uint64_t pool) {
   std::lock_guard<std::mutex> lock(mu_);
-  auto it = std::find_if(captures_.rbegin(), captures_.rend(), [pool](const Capture& c) { return c.pool == pool; });
-  if (it == captures_.rend())
+  auto it = std::find_if(captures_.begin(), captures_.end(), [pool](const Capture& c) { return c.pool == pool; });
+  if (it == captures_.end())
     throw InvalidArgument("end_allocate_to_pool(" + std::to_string(pool) + ") without a capture into that pool");
-  captures_.erase(std::next(it).base());
+  captures_.erase(it);
   if (capturing_locked()) return;
   routing_.store(false, std::memory_order_release);
   // Blocks freed during the captures that other streams used: their events, now that recording is allowed.
@@ -397,15 +404,26 @@ void CachingAllocator::end_allocate_to_pool(uint64_t pool) {
     pending_.push_back(std::move(deferred_.back()));
     deferred_.pop_back();
   }
+  for (; !unused_pools_.empty(); unused_pools_.pop_back()) free_pool_locked(unused_pools_.back());
 }
 
 void CachingAllocator::release_pool(uint64_t pool) {
+  // PyTorch calls this from destructors (~CUDAGraph, ~MemPool): it never throws for a pool it does not know.
   std::lock_guard<std::mutex> lock(mu_);
-  if (std::any_of(captures_.begin(), captures_.end(), [pool](const Capture& c) { return c.pool == pool; }))
-    throw InvalidArgument("release_pool(" + std::to_string(pool) + ") while a capture into it is underway");
-  if (!private_pools_.erase(pool)) return;  // never routed here, or released already
-  // Its graph is gone: its cached blocks and its slabs join the shared cache (keys of pool 0 sort
-  // first, so the loops never meet what they move); its live blocks join when they are freed.
+  auto uses = pool_uses_.find(pool);
+  if (uses == pool_uses_.end() || --uses->second > 0) return;
+  pool_uses_.erase(uses);
+  if (capturing_locked())
+    unused_pools_.push_back(pool);  // freeing synchronizes: once no capture is underway
+  else
+    free_pool_locked(pool);
+}
+
+void CachingAllocator::free_pool_locked(uint64_t pool) {
+  // A replay may still be writing the pool's blocks on some stream: let it finish before anyone
+  // else gets them (PyTorch's allocator frees such blocks with cudaFree, which waits as well).
+  pool_->synchronize();
+  // Keys of pool 0 sort first, so the loops never meet what they move.
   for (auto it = large_.begin(); it != large_.end();) {
     if (it->first.pool != pool) {
       ++it;
@@ -506,6 +524,7 @@ size_t CachingAllocator::empty_cache_locked(std::vector<std::shared_ptr<VirtualT
 
 size_t CachingAllocator::cached_bytes() const {
   std::lock_guard<std::mutex> lock(mu_);
+  if (capturing_locked()) return 0;  // empty_cache() frees nothing then
   size_t bytes = 0;
   for (auto& chunk : small_chunks_)  // a block in use, or a graph's slab, keeps it mapped
     bytes += chunk->busy_slabs || chunk->private_slabs ? 0 : chunk_;
@@ -528,6 +547,7 @@ std::map<std::string, double> CachingAllocator::stats() const {
   size_t requested = 0, pending = 0;
   for (auto& [ptr, b] : live_) requested += b->size;
   for (auto& b : pending_) pending += b->capacity;
+  for (auto& b : deferred_) pending += b->capacity;
   auto d = [](size_t v) { return static_cast<double>(v); };
   return {
       {"allocated_bytes.all.current", d(allocated_)},
@@ -550,9 +570,9 @@ bool CachingAllocator::owns(void* p) const {
   return live_.count(reinterpret_cast<uintptr_t>(p)) > 0;
 }
 
-size_t CachingAllocator::live_blocks() const {
+bool CachingAllocator::busy() const {
   std::lock_guard<std::mutex> lock(mu_);
-  return live_.size() + pending_.size() + deferred_.size();
+  return !live_.empty() || !pending_.empty() || !deferred_.empty() || capturing_locked() || !pool_uses_.empty();
 }
 
 void CachingAllocator::reset_peak_stats() {

@@ -9,16 +9,16 @@
 //
 // CUDA graphs: while a graph is captured, the allocations its filter claims go
 // to the graph's private pool, whose blocks only that pool reuses (its replays
-// keep writing them) and which nothing unmaps until the pool is released.
+// keep writing them) and which nothing unmaps until no graph uses the pool.
 // While any capture is underway the allocator queries no event, synchronizes
-// nothing and unmaps nothing: all three are illegal during a capture.
+// nothing, unmaps nothing and lets the pool deflate no one: all would
+// synchronize, which is illegal during a capture.
 #pragma once
 #include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
-#include <set>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -45,9 +45,10 @@ class CachingAllocator {
   void record_stream(void* ptr, uintptr_t stream);
   // Let another device use the block's whole mapped range.
   void grant_access(void* ptr, int peer_device);
-  // CUDA graph private pools (pool: a nonzero id). From begin until end, allocations for which
-  // filter(context, stream) holds come from the pool; release (the graph is gone) returns its
-  // blocks to the shared cache, the live ones when they are freed.
+  // Private pools of CUDA graphs and MemPools (pool: a nonzero id), as PyTorch's own allocator
+  // keeps them. From begin until end, allocations for which filter(context, stream) holds come
+  // from the pool. Each begin is a use and each release gives one back; at none (no graph uses
+  // it), its blocks join the shared cache after a synchronize, the live ones when freed.
   void begin_allocate_to_pool(uint64_t pool, CaptureFilter filter, void* context);
   void end_allocate_to_pool(uint64_t pool);
   void release_pool(uint64_t pool);
@@ -56,7 +57,8 @@ class CachingAllocator {
   size_t cached_bytes() const;
   std::map<std::string, double> stats() const;
   void reset_peak_stats();
-  size_t live_blocks() const;
+  // Blocks handed out or waiting on events, private pools or captures: what configure must not drop.
+  bool busy() const;
   bool owns(void* ptr) const;
   std::shared_ptr<Pool> pool() { return pool_; }
 
@@ -121,6 +123,8 @@ class CachingAllocator {
   void* allocate_large(size_t size, const Key& key);
   void* take_cached_large(size_t chunks, size_t size, const Key& key);
   void recycle_locked(std::unique_ptr<Block> b);
+  // A private pool no one uses: its cached blocks and slabs join the shared cache.
+  void free_pool_locked(uint64_t pool);
   std::unique_ptr<Block> take_resizable_locked(size_t chunks, const Key& key);
   size_t cached_large_chunks_locked() const;
   // Unmap cached large blocks, least recently freed first, worth at least `chunks` chunks or all there are.
@@ -154,7 +158,8 @@ class CachingAllocator {
   std::vector<std::unique_ptr<Block>> pending_;                         // freed, waiting on events
   std::vector<std::unique_ptr<Block>> deferred_;  // freed during a capture, used on other streams: events after it
   std::vector<Capture> captures_;                 // underway
-  std::set<uint64_t> private_pools_;              // begun and not released
+  std::map<uint64_t, int> pool_uses_;             // private pools: begins not yet released
+  std::vector<uint64_t> unused_pools_;            // released during a capture: freed once none is underway
   std::atomic<bool> routing_{false};              // captures_ is not empty: allocations ask route()
   uint64_t cache_clock_ = 0;  // orders cached large blocks by when they were freed
   size_t most_mapped_ = 0;    // the most reserved_ has been since the cache was last emptied

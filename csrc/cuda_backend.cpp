@@ -196,7 +196,7 @@ class CudaBackend final : public Backend {
   uintptr_t reserve(size_t bytes) override {
     require_multiple("reserve", bytes, granularity_);
     CUdeviceptr ptr = 0;
-    mapping([&] { d_.check("cuMemAddressReserve", d_.MemAddressReserve(&ptr, bytes, granularity_, 0, 0)); });
+    relaxed([&] { d_.check("cuMemAddressReserve", d_.MemAddressReserve(&ptr, bytes, granularity_, 0, 0)); });
     return static_cast<uintptr_t>(ptr);
   }
 
@@ -213,7 +213,7 @@ class CudaBackend final : public Backend {
                            " bytes)",
                        bytes, host_granularity(prop));
     CUmemGenericAllocationHandle h = 0;
-    mapping([&] { d_.check("cuMemCreate", d_.MemCreate(&h, bytes, &prop, 0)); });
+    relaxed([&] { d_.check("cuMemCreate", d_.MemCreate(&h, bytes, &prop, 0)); });
     return h;
   }
 
@@ -222,7 +222,7 @@ class CudaBackend final : public Backend {
   }
 
   void map(uintptr_t addr, size_t bytes, Handle h) override {
-    mapping([&] { d_.check("cuMemMap", d_.MemMap(addr, bytes, 0, h, 0)); });
+    relaxed([&] { d_.check("cuMemMap", d_.MemMap(addr, bytes, 0, h, 0)); });
   }
 
   // Device access is what the pool needs, whether the chunk behind the range
@@ -232,7 +232,7 @@ class CudaBackend final : public Backend {
     access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
     access.location.id = dev_;
     access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
-    mapping([&] { d_.check("cuMemSetAccess", d_.MemSetAccess(addr, bytes, &access, 1)); });
+    relaxed([&] { d_.check("cuMemSetAccess", d_.MemSetAccess(addr, bytes, &access, 1)); });
   }
 
   void unmap(uintptr_t addr, size_t bytes) override {
@@ -362,18 +362,18 @@ class CudaBackend final : public Backend {
     CUresult r = d_.CtxGetCurrent(&current);
     if (r == CUDA_ERROR_DEINITIALIZED) return;
     d_.check("cuCtxGetCurrent", r);
-    in_context([&] {
+    relaxed([&] {
       CUresult result = f();
       if (result != CUDA_ERROR_DEINITIALIZED) d_.check(call, result);
     });
   }
 
-  // Reserving, creating and mapping memory, in relaxed capture mode: a CUDA graph captured meanwhile
-  // (by this thread or, in global mode, any other) would otherwise refuse these calls, and the
-  // allocator maps new memory for a graph's private pool during its capture, as PyTorch's own
-  // allocator does with cudaMalloc. Nothing here is stream work, so nothing is captured.
+  // Memory management calls, in relaxed capture mode: a CUDA graph captured meanwhile (by this
+  // thread or, in global mode, any other) would otherwise refuse them, and the allocator maps new
+  // memory for a graph's private pool during its capture (and frees an address range it failed to
+  // map), as PyTorch's own allocator does with cudaMalloc. None is stream work: nothing is captured.
   template <typename F>
-  void mapping(F&& f) const {
+  void relaxed(F&& f) const {
     CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_RELAXED;
     d_.check("cuThreadExchangeStreamCaptureMode", d_.ThreadExchangeStreamCaptureMode(&mode));
     try {

@@ -67,9 +67,9 @@ std::vector<Location> VirtualTensor::chunk_locations() const {
   return out;
 }
 
-void VirtualTensor::resize(size_t nbytes) {
+void VirtualTensor::resize(size_t nbytes, bool may_deflate) {
   std::lock_guard<OwnedMutex> lock(mu_);
-  resize_locked(nbytes);
+  resize_locked(nbytes, may_deflate);
 }
 
 bool VirtualTensor::try_resize(size_t nbytes) {
@@ -79,14 +79,14 @@ bool VirtualTensor::try_resize(size_t nbytes) {
   return true;
 }
 
-void VirtualTensor::resize_locked(size_t nbytes) {
+void VirtualTensor::resize_locked(size_t nbytes, bool may_deflate) {
   check_live();
   if (nbytes > max_bytes_)
     throw InvalidArgument("resize to " + std::to_string(nbytes) + " bytes is past max_bytes (" +
                           std::to_string(max_bytes_) + ")");
   size_t need = (nbytes + chunk_ - 1) / chunk_, have = chunks_.size();
   if (need > have) {
-    std::vector<Chunk> fresh = pool_->acquire(need - have, Location::Device, tag_);
+    std::vector<Chunk> fresh = pool_->acquire(need - have, Location::Device, tag_, may_deflate);
     size_t mapped = 0;
     try {
       for (; mapped < fresh.size(); ++mapped) pool_->map(base_ + (have + mapped) * chunk_, fresh[mapped]);

@@ -45,7 +45,8 @@ class VirtualTensor : public std::enable_shared_from_this<VirtualTensor> {
   VirtualTensor(std::shared_ptr<Pool> pool, size_t max_bytes, Tag tag);
   ~VirtualTensor();
 
-  void resize(size_t nbytes);
+  // may_deflate false: fail rather than ask other consumers to shrink or the pool to borrow.
+  void resize(size_t nbytes, bool may_deflate = true);
   // resize() unless another thread holds the tensor: then false at once. For
   // consumer callbacks, which must never wait on a thread that may wait on them.
   bool try_resize(size_t nbytes);
@@ -87,7 +88,7 @@ class VirtualTensor : public std::enable_shared_from_this<VirtualTensor> {
 
  private:
   void check_live() const;
-  void resize_locked(size_t nbytes);
+  void resize_locked(size_t nbytes, bool may_deflate = true);
   void grant_peers_locked(size_t first, size_t count);
   // Throws unless no live view overlaps bytes [start, end).
   void check_no_view(size_t start, size_t end, const char* action) const;

@@ -13,6 +13,7 @@ FILTER = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)  # (co
 lib.torch_ellm_begin_allocate_to_pool.argtypes = [ctypes.c_int, ctypes.c_uint64, FILTER, ctypes.c_void_p]
 lib.torch_ellm_end_allocate_to_pool.argtypes = [ctypes.c_int, ctypes.c_uint64]
 lib.torch_ellm_release_pool.argtypes = [ctypes.c_int, ctypes.c_uint64]
+lib.torch_ellm_record_stream.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
 
 CAPTURED = 7  # the stream the graph is captured on
 on_captured_stream = FILTER(lambda context, stream: int(stream == CAPTURED))
@@ -44,11 +45,12 @@ def test_a_graph_block_is_reused_by_its_pool_only(size):
     end(1)
     eager = alloc(size, CAPTURED)  # after the capture, on the same stream: the graph's replays write there
     assert eager != graph
-    begin(1)  # a later capture into the same pool (graphs sharing it) gets it back
+    begin(1)  # a second graph captured into the same pool gets it back
     assert alloc(size, CAPTURED) == graph
     free(graph)
     end(1)
     free(eager)
+    release(1)  # one release for each graph
     release(1)
     assert_all_returned()
 
@@ -106,6 +108,62 @@ def test_nothing_is_unmapped_while_capturing():
     assert_all_returned()
 
 
+@pytest.mark.parametrize("size", SIZES)
+def test_a_pool_two_graphs_share_stays_private_until_both_are_released(size):
+    configure("64MiB")
+    for _ in range(2):  # two graphs captured into one pool, one after the other
+        begin(1)
+        free(alloc(size, CAPTURED))
+        end(1)
+    release(1)  # the first graph is gone; the second still replays into the pool
+    torch_ellm.empty_cache()
+    assert stats()["reserved_bytes.all.current"] >= size
+    release(1)
+    assert_all_returned()
+
+
+def test_a_block_other_streams_used_waits_for_the_capture_to_end():
+    """Recording an event is illegal while capturing: a block freed then, with work queued on another
+    stream, is held until the capture ends, then waits on its events like any other."""
+    configure("64MiB")
+    begin(1)
+    block = alloc(300 * KiB, CAPTURED)
+    assert lib.torch_ellm_record_stream(block, 0, 9) == OK, last_error()
+    free(block)
+    assert stats()["active_bytes.all.current"] >= 300 * KiB  # not reusable yet
+    other = alloc(300 * KiB, CAPTURED)
+    assert other != block
+    end(1)
+    free(alloc(64, stream=0))  # an allocation outside a capture checks events: the block is the pool's again
+    begin(1)  # a second graph in the pool
+    assert alloc(300 * KiB, CAPTURED) == block
+    free(block)
+    free(other)
+    end(1)
+    release(1)
+    release(1)
+    assert_all_returned()
+
+
+def test_a_capture_makes_the_pool_neither_borrow_nor_shrink_others():
+    """Borrowing copies and shrinking unmaps, and both synchronize: during a capture, out of memory."""
+    torch_ellm.configure("host", budget="1MiB", host_budget="1MiB", chunk="64KiB", granularity="64KiB")
+    pool = torch_ellm.pool(0)
+    kv = pool.virtual_tensor("1MiB", tag="kv")
+    kv.resize("768KiB")  # 12 of 16 chunks, borrowable
+    begin(1)
+    code, _ = try_alloc(512 * KiB, CAPTURED)
+    assert code == OOM
+    assert pool.stats()["borrowed_bytes"] == 0
+    end(1)
+    block = alloc(512 * KiB, CAPTURED)  # outside a capture, kv lends its cold chunks
+    assert pool.stats()["borrowed_bytes"] > 0
+    free(block)
+    kv.release()
+    release(1)
+    assert_all_returned()
+
+
 def test_bad_calls_get_clear_errors():
     configure("64MiB")
     assert lib.torch_ellm_begin_allocate_to_pool(0, 0, on_captured_stream, None) == INVALID
@@ -113,9 +171,20 @@ def test_bad_calls_get_clear_errors():
     assert lib.torch_ellm_end_allocate_to_pool(0, 5) == INVALID
     assert "without a capture into that pool" in last_error()
     begin(5)
-    assert lib.torch_ellm_release_pool(0, 5) == INVALID
-    assert "while a capture into it is underway" in last_error()
+    assert lib.torch_ellm_begin_allocate_to_pool(0, 5, on_captured_stream, None) == INVALID
+    assert "already allocating to private pool 5" in last_error()
     end(5)
     release(5)
-    release(5)  # again, or a pool never seen: nothing to do
+    release(5)  # again, or a pool never seen (PyTorch releases from destructors): nothing to do
+    assert_all_returned()
+
+
+def test_configure_refuses_while_a_graph_pool_lives():
+    configure("64MiB")
+    begin(1)
+    free(alloc(4 * KiB, CAPTURED))
+    end(1)
+    with pytest.raises(ValueError, match="CUDA graph pools"):
+        configure("64MiB")  # dropping the allocator would unmap what the graph replays into
+    release(1)
     assert_all_returned()

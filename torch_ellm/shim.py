@@ -35,17 +35,21 @@ void raise_oom(const std::string& message) { torch_ellm_throw_oom(message.c_str(
 #include <map>
 #include <memory>
 #include <mutex>
-#include <vector>
 
-// A CUDA graph's filter (which allocations its capture makes), alive from begin to end of each capture
-// into a pool, handed to torch_ellm._C as a context pointer and called through filter_call.
+// A capture's filter (which allocations are the graph's), alive from begin to end of the capture into
+// a pool, handed to torch_ellm._C as a context pointer and called through filter_call.
 using Filter = std::function<bool(cudaStream_t)>;
 std::mutex filters_mu;
-std::map<std::pair<int, uint64_t>, std::vector<std::unique_ptr<Filter>>> filters;
+std::map<std::pair<int, uint64_t>, std::unique_ptr<Filter>> filters;
 
 int filter_call(void* context, uintptr_t stream) {
   return (*static_cast<Filter*>(context))(reinterpret_cast<cudaStream_t>(stream)) ? 1 : 0;
 }
+
+// PyTorch's pool ids: {uid, 0} for a graph's own pool, {0, uid} for graph_pool_handle() and MemPool();
+// {0, 0} is no pool. One 64-bit id for the allocator, distinct for both kinds.
+uint64_t pool_id(c10::cuda::MempoolId_t id) { return id.first ? id.first : id.second | (uint64_t(1) << 63); }
+bool no_pool(c10::cuda::MempoolId_t id) { return id.first == 0 && id.second == 0; }
 
 // The entry points of torch_ellm._C, passed in as addresses (the shim cannot link that module).
 void install_allocator(int64_t alloc, int64_t free, int64_t record_stream, int64_t reset, int64_t fraction,
@@ -75,26 +79,22 @@ void install_allocator(int64_t alloc, int64_t free, int64_t record_stream, int64
   hooks->set_memory_fraction_fn([fraction_fn](double f, int device) {
     TORCH_CHECK(fraction_fn(f, device) == 0, "torch_ellm: cannot set the memory fraction to ", f);
   });
-  // CUDA graphs get private pools. A user MemPool's id is {0, uid} (torch.cuda.use_mem_pool): under
-  // enable() its allocations stay in the elastic pool, so those ids are not routed.
+  // CUDA graphs and MemPools get private pools, as in PyTorch's own allocator.
   hooks->set_begin_allocate_to_pool([begin_fn, error_fn](int device, c10::cuda::MempoolId_t id, Filter filter) {
-    if (id.first == 0) return;
+    if (no_pool(id)) return;
     auto owned = std::make_unique<Filter>(std::move(filter));
     std::lock_guard<std::mutex> lock(filters_mu);
-    TORCH_CHECK(begin_fn(device, id.first, &filter_call, owned.get()) == 0, "torch_ellm: ", error_fn());
-    filters[{device, id.first}].push_back(std::move(owned));
+    TORCH_CHECK(begin_fn(device, pool_id(id), &filter_call, owned.get()) == 0, "torch_ellm: ", error_fn());
+    filters[{device, pool_id(id)}] = std::move(owned);
   });
   hooks->set_end_allocate_to_pool_fn([end_fn, error_fn](int device, c10::cuda::MempoolId_t id) {
-    if (id.first == 0) return;
+    if (no_pool(id)) return;
     std::lock_guard<std::mutex> lock(filters_mu);
-    TORCH_CHECK(end_fn(device, id.first) == 0, "torch_ellm: ", error_fn());
-    auto it = filters.find({device, id.first});
-    it->second.pop_back();  // the allocator ended the latest capture into the pool, as here
-    if (it->second.empty()) filters.erase(it);
+    TORCH_CHECK(end_fn(device, pool_id(id)) == 0, "torch_ellm: ", error_fn());
+    filters.erase({device, pool_id(id)});  // one capture into a pool at a time: the allocator refuses a second
   });
-  hooks->set_release_pool([release_fn, error_fn](int device, c10::cuda::MempoolId_t id) {
-    if (id.first == 0) return;
-    TORCH_CHECK(release_fn(device, id.first) == 0, "torch_ellm: ", error_fn());
+  hooks->set_release_pool([release_fn](int device, c10::cuda::MempoolId_t id) {
+    if (!no_pool(id)) (void)release_fn(device, pool_id(id));  // from destructors: never throws
   });
   torch::cuda::CUDAPluggableAllocator::changeCurrentAllocator(allocator);
 }
