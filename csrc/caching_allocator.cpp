@@ -155,12 +155,18 @@ uint64_t CachingAllocator::route(uintptr_t stream) {
   return 0;
 }
 
-void* CachingAllocator::allocate_small(size_t size, const Key& key) {
+CachingAllocator::Key CachingAllocator::current_locked(Key key) const {
+  if (key.pool && !pool_uses_.count(key.pool)) key.pool = 0;
+  return key;
+}
+
+void* CachingAllocator::allocate_small(size_t size, const Key& routed) {
   // At least four slots where they fit in a chunk, in whole pages.
-  size_t pages = std::min(pages_per_chunk_, (std::max(page_, 4 * key.size_class) + page_ - 1) / page_);
+  size_t pages = std::min(pages_per_chunk_, (std::max(page_, 4 * routed.size_class) + page_ - 1) / page_);
   bool capturing;
   {
     std::lock_guard<std::mutex> lock(mu_);
+    const Key key = current_locked(routed);
     capturing = capturing_locked();
     process_events_locked();
     if (auto& open = slabs_[key].open; !open.empty()) return take_slot_locked(open.back(), size, key);
@@ -172,9 +178,10 @@ void* CachingAllocator::allocate_small(size_t size, const Key& key) {
   }
   // A new chunk, made without our lock: the pool may call consumers that need the GIL. While a
   // capture is underway, none: they would unmap, borrow or copy, and synchronize.
-  auto range = std::make_shared<VirtualTensor>(pool_, chunk_, key.tag);
+  auto range = std::make_shared<VirtualTensor>(pool_, chunk_, routed.tag);
   range->resize(chunk_, !capturing);
   std::lock_guard<std::mutex> lock(mu_);
+  const Key key = current_locked(routed);  // a slab under a released pool's key would never be freed
   add_reserved_locked(chunk_);
   segments_ += 1;
   small_chunks_.push_back(std::make_unique<SmallChunk>(SmallChunk{range, key.tag}));
@@ -404,19 +411,24 @@ void CachingAllocator::end_allocate_to_pool(uint64_t pool) {
     pending_.push_back(std::move(deferred_.back()));
     deferred_.pop_back();
   }
-  for (; !unused_pools_.empty(); unused_pools_.pop_back()) free_pool_locked(unused_pools_.back());
+  for (; !unused_pools_.empty(); unused_pools_.pop_back()) {
+    auto uses = pool_uses_.find(unused_pools_.back());
+    if (uses == pool_uses_.end() || uses->second > 0) continue;  // freed already, or begun again
+    pool_uses_.erase(uses);
+    free_pool_locked(unused_pools_.back());
+  }
 }
 
 void CachingAllocator::release_pool(uint64_t pool) {
   // PyTorch calls this from destructors (~CUDAGraph, ~MemPool): it never throws for a pool it does not know.
   std::lock_guard<std::mutex> lock(mu_);
   auto uses = pool_uses_.find(pool);
-  if (uses == pool_uses_.end() || --uses->second > 0) return;
+  if (uses == pool_uses_.end() || uses->second == 0 || --uses->second > 0) return;
+  // Freeing synchronizes: while a capture is underway the pool stays private, at no uses, until
+  // the capture ends (a replay of its last graph may still be running).
+  if (capturing_locked()) return unused_pools_.push_back(pool);
   pool_uses_.erase(uses);
-  if (capturing_locked())
-    unused_pools_.push_back(pool);  // freeing synchronizes: once no capture is underway
-  else
-    free_pool_locked(pool);
+  free_pool_locked(pool);
 }
 
 void CachingAllocator::free_pool_locked(uint64_t pool) {

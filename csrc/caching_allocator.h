@@ -119,7 +119,9 @@ class CachingAllocator {
   // The private pool an allocation on `stream` goes to now; 0 for the shared cache.
   uint64_t route(uintptr_t stream);
   bool capturing_locked() const { return !captures_.empty(); }
-  void* allocate_small(size_t size, const Key& key);
+  // key, or its shared-cache twin if its private pool was released since it was routed.
+  Key current_locked(Key key) const;
+  void* allocate_small(size_t size, const Key& routed);
   void* allocate_large(size_t size, const Key& key);
   void* take_cached_large(size_t chunks, size_t size, const Key& key);
   void recycle_locked(std::unique_ptr<Block> b);
@@ -158,7 +160,7 @@ class CachingAllocator {
   std::vector<std::unique_ptr<Block>> pending_;                         // freed, waiting on events
   std::vector<std::unique_ptr<Block>> deferred_;  // freed during a capture, used on other streams: events after it
   std::vector<Capture> captures_;                 // underway
-  std::map<uint64_t, int> pool_uses_;             // private pools: begins not yet released
+  std::map<uint64_t, int> pool_uses_;             // private pools: begins not yet released (0: to be freed)
   std::vector<uint64_t> unused_pools_;            // released during a capture: freed once none is underway
   std::atomic<bool> routing_{false};              // captures_ is not empty: allocations ask route()
   uint64_t cache_clock_ = 0;  // orders cached large blocks by when they were freed

@@ -303,10 +303,10 @@ void Pool::map(uintptr_t addr, const Chunk& c) {
   tier(c.where).mapped += 1;
 }
 
-void Pool::unmap(uintptr_t addr, const std::vector<Chunk>& chunks) {
+void Pool::unmap(uintptr_t addr, const std::vector<Chunk>& chunks, bool wait) {
   if (chunks.empty()) return;
   // The driver's unmap does not wait for kernels that may still touch the range.
-  backend_->synchronize();
+  if (wait) backend_->synchronize();
   // Parked chunks have nothing mapped: unmap the runs between them, counting each as it goes.
   for_each_mapped_run(chunks, 0, chunks.size(), [&](size_t i, size_t j) {
     backend_->unmap(addr + i * chunk_bytes_, (j - i) * chunk_bytes_);

@@ -97,8 +97,9 @@ class Pool : public std::enable_shared_from_this<Pool> {
   uintptr_t reserve(size_t bytes);
   void free_range(uintptr_t addr, size_t bytes);
   void map(uintptr_t addr, const Chunk& c);
-  // Unmap consecutive chunks starting at addr, after queued work has finished.
-  void unmap(uintptr_t addr, const std::vector<Chunk>& chunks);
+  // Unmap consecutive chunks starting at addr, after queued work has finished (wait false: chunks
+  // just mapped, which no work can have touched; no synchronize, which a CUDA graph capture forbids).
+  void unmap(uintptr_t addr, const std::vector<Chunk>& chunks, bool wait = true);
   void synchronize() { backend_->synchronize(); }
   void grant_access(uintptr_t addr, size_t bytes, int peer) { backend_->grant_access(addr, bytes, peer); }
   // Move the bytes at addr onto chunk `to`, remapping addr there: the address

@@ -91,7 +91,7 @@ void VirtualTensor::resize_locked(size_t nbytes, bool may_deflate) {
     try {
       for (; mapped < fresh.size(); ++mapped) pool_->map(base_ + (have + mapped) * chunk_, fresh[mapped]);
     } catch (...) {
-      pool_->unmap(base_ + have * chunk_, std::vector<Chunk>(fresh.begin(), fresh.begin() + mapped));
+      pool_->unmap(base_ + have * chunk_, std::vector<Chunk>(fresh.begin(), fresh.begin() + mapped), false);
       pool_->release(fresh, tag_);
       throw;
     }

@@ -22,8 +22,12 @@ on_captured_stream = FILTER(lambda context, stream: int(stream == CAPTURED))
 SIZES = [4 * KiB, 300 * KiB, 3 * MiB]
 
 
-def begin(pool):
-    assert lib.torch_ellm_begin_allocate_to_pool(0, pool, on_captured_stream, None) == OK, last_error()
+OTHER_CAPTURED = 8  # another graph's, captured meanwhile
+on_other_stream = FILTER(lambda context, stream: int(stream == OTHER_CAPTURED))
+
+
+def begin(pool, claims=on_captured_stream):
+    assert lib.torch_ellm_begin_allocate_to_pool(0, pool, claims, None) == OK, last_error()
 
 
 def end(pool):
@@ -119,6 +123,42 @@ def test_a_pool_two_graphs_share_stays_private_until_both_are_released(size):
     torch_ellm.empty_cache()
     assert stats()["reserved_bytes.all.current"] >= size
     release(1)
+    assert_all_returned()
+
+
+def test_a_pool_released_during_another_capture_stays_private_until_that_capture_ends():
+    """Freeing a pool synchronizes (its graph's last replay may still run), which a capture forbids."""
+    configure("64MiB")
+    begin(1)
+    output = alloc(300 * KiB, CAPTURED)
+    end(1)
+    begin(2, on_other_stream)  # another graph's capture, on another stream
+    release(1)  # graph 1 is deleted meanwhile
+    free(output)
+    eager = alloc(300 * KiB, CAPTURED)  # not claimed by graph 2: the shared cache, which must not have it yet
+    assert eager != output
+    end(2)
+    assert alloc(300 * KiB, CAPTURED) == output  # after the capture: synchronized and shared
+    free(output)
+    free(eager)
+    release(2)
+    assert_all_returned()
+
+
+def test_a_pool_released_and_begun_again_during_a_capture_stays_private():
+    configure("64MiB")
+    begin(1)
+    free(alloc(300 * KiB, CAPTURED))
+    end(1)
+    begin(2, on_other_stream)
+    release(1)  # no graph uses pool 1 ...
+    begin(1)  # ... until a new graph is captured into it, beside graph 2
+    end(1)
+    end(2)
+    torch_ellm.empty_cache()
+    assert stats()["reserved_bytes.all.current"] >= 300 * KiB  # still the new graph's
+    release(1)
+    release(2)
     assert_all_returned()
 
 
