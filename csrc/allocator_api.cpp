@@ -71,6 +71,14 @@ std::shared_ptr<CachingAllocator> allocator_for(int device, bool create) {
   return a;
 }
 
+size_t empty_cache_and_trim(int device) {
+  auto a = allocator_for(device, false);
+  if (!a) return 0;
+  size_t freed = a->empty_cache();
+  if (!a->capturing()) a->pool()->trim();
+  return freed;
+}
+
 std::vector<int> active_devices() {
   std::lock_guard<std::mutex> lock(registry_mu);
   std::vector<int> out;
@@ -148,11 +156,7 @@ ELLM_EXPORT int torch_ellm_release_pool(int device, uint64_t pool) {
 
 ELLM_EXPORT int torch_ellm_empty_cache_all() {
   return guarded([&] {
-    for (int d : active_devices()) {
-      auto a = allocator_for(d, false);
-      a->empty_cache();
-      a->pool()->trim();
-    }
+    for (int d : active_devices()) empty_cache_and_trim(d);
   });
 }
 

@@ -26,6 +26,9 @@ void configure_allocators(const AllocatorConfig& c);
 // The device's allocator, made on first use when create is set (else may be null).
 std::shared_ptr<CachingAllocator> allocator_for(int device, bool create);
 std::vector<int> active_devices();
+// empty_cache() on the device's allocator (if any), then its pool's trim, unless a CUDA graph is being
+// captured: trimming may free page-locked host buffers, which synchronizes. Bytes the cache freed.
+size_t empty_cache_and_trim(int device);
 void set_current_tag(Tag t);
 Tag get_current_tag();
 void set_oom_thrower(OomThrower f);

@@ -215,12 +215,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("allocator_pool", [](int device) { return allocator_for(device, true)->pool(); }, release_gil());
   m.def("allocator_stats", [](int device) { return allocator_for(device, true)->stats(); }, release_gil());
   m.def("allocator_reset_peak_stats", [](int device) { allocator_for(device, true)->reset_peak_stats(); });
-  m.def("allocator_empty_cache",
-        [](int device) {
-          auto a = allocator_for(device, false);
-          return a ? a->empty_cache() : size_t(0);
-        },
-        release_gil());
+  m.def("allocator_empty_cache", &empty_cache_and_trim, release_gil());
   m.def("allocator_devices", &active_devices);
   m.def("allocator_grant_access",
         [](uintptr_t ptr, int device, int peer) { allocator_for(device, true)->grant_access(reinterpret_cast<void*>(ptr), peer); },

@@ -431,6 +431,11 @@ void CachingAllocator::release_pool(uint64_t pool) {
   free_pool_locked(pool);
 }
 
+bool CachingAllocator::capturing() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return capturing_locked();
+}
+
 void CachingAllocator::free_pool_locked(uint64_t pool) {
   // A replay may still be writing the pool's blocks on some stream: let it finish before anyone
   // else gets them (PyTorch's allocator frees such blocks with cudaFree, which waits as well).

@@ -52,6 +52,7 @@ class CachingAllocator {
   void begin_allocate_to_pool(uint64_t pool, CaptureFilter filter, void* context);
   void end_allocate_to_pool(uint64_t pool);
   void release_pool(uint64_t pool);
+  bool capturing() const;
   // Unmap every cached block; chunks go back to the pool. Returns bytes freed.
   size_t empty_cache();
   size_t cached_bytes() const;

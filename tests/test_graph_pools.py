@@ -204,6 +204,24 @@ def test_a_capture_makes_the_pool_neither_borrow_nor_shrink_others():
     assert_all_returned()
 
 
+def test_empty_cache_during_a_capture_leaves_the_pool_untrimmed():
+    """Trimming may free page-locked host buffers, which synchronizes: not while capturing."""
+    configure("1MiB")
+    pool = torch_ellm.pool(0)
+    kv = pool.virtual_tensor("1MiB", tag="kv")
+    kv.resize("256KiB")
+    kv.resize(0)  # its chunks stay in the pool's cache
+    begin(1)
+    torch_ellm.empty_cache()
+    assert pool.stats()["device_cached_bytes"] == 256 * KiB
+    end(1)
+    torch_ellm.empty_cache()
+    assert pool.stats()["device_cached_bytes"] == 0
+    kv.release()
+    release(1)
+    assert_all_returned()
+
+
 def test_bad_calls_get_clear_errors():
     configure("64MiB")
     assert lib.torch_ellm_begin_allocate_to_pool(0, 0, on_captured_stream, None) == INVALID

@@ -168,8 +168,7 @@ def empty_cache():
     """Unmap every cached free block on every device and give the chunks back to the driver."""
     freed = 0
     for d in _C.allocator_devices():
-        freed += _C.allocator_empty_cache(d)
-        _C.allocator_pool(d).trim()
+        freed += _C.allocator_empty_cache(d)  # and the pool's trim, unless a CUDA graph is being captured
     return freed
 
 
