@@ -565,6 +565,13 @@ std::map<std::string, double> CachingAllocator::stats() const {
   for (auto& [ptr, b] : live_) requested += b->size;
   for (auto& b : pending_) pending += b->capacity;
   for (auto& b : deferred_) pending += b->capacity;
+  size_t graph_cached = 0;  // free in private pools: kept for their graphs' replays
+  for (auto& [key, blocks] : large_)
+    if (key.pool)
+      for (auto& [chunks, b] : blocks) graph_cached += chunks * chunk_;
+  for (auto& [key, list] : slabs_)
+    if (key.pool)
+      for (auto& slab : list.all) graph_cached += slab->free_slots.size() * slab->slot;
   auto d = [](size_t v) { return static_cast<double>(v); };
   return {
       {"allocated_bytes.all.current", d(allocated_)},
@@ -579,6 +586,8 @@ std::map<std::string, double> CachingAllocator::stats() const {
       {"segment.all.current", d(segments_)},
       {"num_alloc_retries", d(num_alloc_retries_)},
       {"num_ooms", d(num_ooms_)},
+      {"ellm.graph_pools", d(pool_uses_.size())},
+      {"ellm.graph_pool_cached_bytes", d(graph_cached)},
   };
 }
 

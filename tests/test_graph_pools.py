@@ -80,7 +80,10 @@ def test_empty_cache_keeps_a_graph_pool_until_it_is_released(size):
     end(1)
     torch_ellm.empty_cache()
     assert stats()["reserved_bytes.all.current"] >= size  # still the graph's
+    assert stats()["ellm.graph_pools"] == 1 and stats()["ellm.graph_pool_cached_bytes"] >= size
+    assert "Free in CUDA graph pools (1)" in torch_ellm.memory_summary(0)
     release(1)
+    assert stats()["ellm.graph_pools"] == 0 and stats()["ellm.graph_pool_cached_bytes"] == 0
     assert_all_returned()
 
 

@@ -132,8 +132,9 @@ def is_allocator_pool(p):
 
 def memory_stats(device=None):
     """torch.cuda.memory_stats()-style flat dict for device: allocated_bytes.all.current/peak,
-    reserved_bytes.all.current/peak, num_alloc_retries, num_ooms, ..., plus ellm.* keys from the
-    pool (borrowed_bytes, host_buffer_bytes, budget_bytes, device_bytes, ellm.tag.<tag>.device_bytes/host_bytes)."""
+    reserved_bytes.all.current/peak, num_alloc_retries, num_ooms, ..., plus ellm.* keys: CUDA graph pools
+    (graph_pools, graph_pool_cached_bytes: free, kept for the graphs' replays) and, from the pool,
+    borrowed_bytes, host_buffer_bytes, budget_bytes, device_bytes, ellm.tag.<tag>.device_bytes/host_bytes."""
     d = _device_index(device)
     out = {k: int(v) for k, v in _C.allocator_stats(d).items()}
     p = pool(d).stats()
@@ -151,7 +152,8 @@ def memory_summary(device=None):
             ("Reserved (mapped by the allocator)", s["reserved_bytes.all.current"], s["reserved_bytes.all.peak"]),
             ("Pool device chunks in use", s["ellm.device_bytes"], s["ellm.device_peak_bytes"]),
             ("Borrowed host memory", s["ellm.borrowed_bytes"], s["ellm.borrowed_peak_bytes"]),
-            ("Host buffers (swapped KV)", s["ellm.host_buffer_bytes"], None)]
+            ("Host buffers (swapped KV)", s["ellm.host_buffer_bytes"], None),
+            (f"Free in CUDA graph pools ({s['ellm.graph_pools']})", s["ellm.graph_pool_cached_bytes"], None)]
     rows += [(f"  tag {t}", s[f"ellm.tag.{t}.device_bytes"] + s[f"ellm.tag.{t}.host_bytes"], None) for t in TAGS]
     lines = [f"torch_ellm memory summary, device {_device_index(device)}",
              f"{'':38}{'current':>14}{'peak':>14}"]
