@@ -17,25 +17,39 @@ lib.torch_ellm_record_stream.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c
 
 CAPTURED = 7  # the stream the graph is captured on
 on_captured_stream = FILTER(lambda context, stream: int(stream == CAPTURED))
+OTHER_CAPTURED = 8  # another graph's, captured meanwhile
+on_other_stream = FILTER(lambda context, stream: int(stream == OTHER_CAPTURED))
 # A slab block (the small limit is a quarter of the 64 KiB chunk), a large block of a few chunks,
 # and one of many.
 SIZES = [4 * KiB, 300 * KiB, 3 * MiB]
-
-
-OTHER_CAPTURED = 8  # another graph's, captured meanwhile
-on_other_stream = FILTER(lambda context, stream: int(stream == OTHER_CAPTURED))
+# Captures underway and pools begun, so that a failing test leaves no capture or pool to the next.
+capturing, uses = [], []
 
 
 def begin(pool, claims=on_captured_stream):
     assert lib.torch_ellm_begin_allocate_to_pool(0, pool, claims, None) == OK, last_error()
+    capturing.append(pool)
+    uses.append(pool)
 
 
 def end(pool):
     assert lib.torch_ellm_end_allocate_to_pool(0, pool) == OK, last_error()
+    capturing.remove(pool)
 
 
 def release(pool):
     assert lib.torch_ellm_release_pool(0, pool) == OK, last_error()
+    if pool in uses:
+        uses.remove(pool)
+
+
+@pytest.fixture(autouse=True)
+def end_captures_and_release_pools():
+    yield
+    while capturing:
+        lib.torch_ellm_end_allocate_to_pool(0, capturing.pop())
+    while uses:
+        lib.torch_ellm_release_pool(0, uses.pop())
 
 
 @pytest.mark.parametrize("size", SIZES)
