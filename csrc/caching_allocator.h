@@ -1,5 +1,5 @@
 // CachingAllocator: PyTorch's alloc/free over one Pool, per device.
-// Small requests (up to 1 MiB or a quarter chunk) share slabs by size class: a
+// Small requests (up to the smaller of 1 MiB and a quarter chunk) share slabs by size class: a
 // slab is a run of pages (a 32nd of a chunk) in a chunk shared by the slabs of
 // one tag, as in mimalloc, so a size class used once costs its pages, not a
 // chunk. Larger requests get their own virtual range, mapped chunk by chunk
