@@ -21,6 +21,13 @@ thread_local Tag current_tag = Tag::Activations;
 thread_local std::string last_error;
 OomThrower oom_thrower = nullptr;
 
+// The device's allocator for a call that needs one already there (`what` names the call).
+std::shared_ptr<CachingAllocator> existing_allocator(int device, const char* what) {
+  auto a = allocator_for(device, false);
+  if (!a) throw InvalidArgument(std::string(what) + " on device " + std::to_string(device) + ", which has no allocator");
+  return a;
+}
+
 // Runs f, turning any exception into a code and last_error: nothing may unwind into C.
 template <typename F>
 int guarded(F&& f) {
@@ -108,17 +115,13 @@ ELLM_EXPORT int torch_ellm_try_alloc(ssize_t size, int device, void* stream, voi
 
 ELLM_EXPORT int torch_ellm_try_free(void* ptr, int device) {
   return guarded([&] {
-    auto a = allocator_for(device, false);
-    if (!a) throw InvalidArgument("free on device " + std::to_string(device) + ", which has no allocator");
-    a->free(ptr);
+    existing_allocator(device, "free")->free(ptr);
   });
 }
 
 ELLM_EXPORT int torch_ellm_record_stream(void* ptr, int device, void* stream) {
   return guarded([&] {
-    auto a = allocator_for(device, false);
-    if (!a) throw InvalidArgument("record_stream on device " + std::to_string(device) + ", which has no allocator");
-    a->record_stream(ptr, reinterpret_cast<uintptr_t>(stream));
+    existing_allocator(device, "record_stream")->record_stream(ptr, reinterpret_cast<uintptr_t>(stream));
   });
 }
 
@@ -142,9 +145,7 @@ ELLM_EXPORT int torch_ellm_begin_allocate_to_pool(int device, uint64_t pool, Cap
 
 ELLM_EXPORT int torch_ellm_end_allocate_to_pool(int device, uint64_t pool) {
   return guarded([&] {
-    auto a = allocator_for(device, false);
-    if (!a) throw InvalidArgument("end_allocate_to_pool on device " + std::to_string(device) + ", which has no allocator");
-    a->end_allocate_to_pool(pool);
+    existing_allocator(device, "end_allocate_to_pool")->end_allocate_to_pool(pool);
   });
 }
 

@@ -345,10 +345,14 @@ void CachingAllocator::free(void* p) {
   count_alloc_locked(*b, -1);
   if (b->other_streams.empty()) return recycle_locked(std::move(b));
   if (capturing_locked()) return deferred_.push_back(std::move(b));  // events once the captures end
-  // Used on other streams: reusable once the work queued there so far is done.
-  for (uintptr_t s : b->other_streams) b->events.push_back(pool_->backend().record_event(s));
-  b->other_streams.clear();
+  record_other_streams_locked(*b);
   pending_.push_back(std::move(b));
+}
+
+void CachingAllocator::record_other_streams_locked(Block& b) {
+  // Used on other streams: reusable once the work queued there so far is done.
+  for (uintptr_t s : b.other_streams) b.events.push_back(pool_->backend().record_event(s));
+  b.other_streams.clear();
 }
 
 void CachingAllocator::record_stream(void* p, uintptr_t stream) {
@@ -405,9 +409,7 @@ void CachingAllocator::end_allocate_to_pool(uint64_t pool) {
   routing_.store(false, std::memory_order_release);
   // Blocks freed during the captures that other streams used: their events, now that recording is allowed.
   while (!deferred_.empty()) {
-    Block& b = *deferred_.back();
-    for (uintptr_t s : b.other_streams) b.events.push_back(pool_->backend().record_event(s));
-    b.other_streams.clear();
+    record_other_streams_locked(*deferred_.back());
     pending_.push_back(std::move(deferred_.back()));
     deferred_.pop_back();
   }

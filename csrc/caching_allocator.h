@@ -126,6 +126,8 @@ class CachingAllocator {
   void* allocate_large(size_t size, const Key& key);
   void* take_cached_large(size_t chunks, size_t size, const Key& key);
   void recycle_locked(std::unique_ptr<Block> b);
+  // Events on the other streams b was used on, which must pass before it is reused.
+  void record_other_streams_locked(Block& b);
   // A private pool no one uses: its cached blocks and slabs join the shared cache.
   void free_pool_locked(uint64_t pool);
   std::unique_ptr<Block> take_resizable_locked(size_t chunks, const Key& key);
