@@ -15,27 +15,30 @@ def test_step_work_counts_tokens_and_attention_pairs():
     chunk = SimpleNamespace(num_computed=32)
     decode = SimpleNamespace(num_computed=99)
     # 10 fresh tokens: 55 causal pairs; 8 after 32: 8*32 + 36; 1 after 99: 100
-    assert step_work([(prefill, 10), (chunk, 8), (decode, 1)]) == (19, 55 + 292 + 100, 1)
+    assert step_work([(prefill, 10), (chunk, 8), (decode, 1)]) == (19, 55 + 292 + 100, 1, 2)
 
 
 def test_fit_recovers_a_linear_cost_and_predicts():
     cost = StepCost(min_steps=4)
-    truth = lambda tokens, pairs: 0.002 + 1e-4 * tokens + 2e-7 * pairs
-    for tokens, pairs in [(1, 50), (8, 900), (64, 3000), (200, 20000), (16, 100_000), (300, 45_000)]:
-        cost.observe(StepWork(tokens, pairs, 0), truth(tokens, pairs))
+    # 2 ms a step, 100 us a token, 0.2 us a pair, 0.5 ms a prefill chunk, 300 us more a decode
+    truth = lambda tokens, pairs, decodes=0, prefills=0: 0.002 + 1e-4 * tokens + 2e-7 * pairs + 5e-4 * prefills + 3e-4 * decodes
+    for tokens, pairs, decodes, prefills in [(1, 50, 1, 0), (8, 900, 8, 0), (64, 3000, 0, 1), (200, 20000, 4, 2),
+                                             (16, 100_000, 16, 0), (300, 45_000, 0, 3), (40, 800, 8, 1)]:
+        cost.observe(StepWork(tokens, pairs, decodes, prefills), truth(tokens, pairs, decodes, prefills))
     assert cost.ready
-    assert cost.predict(100, 5000) == pytest.approx(truth(100, 5000), rel=1e-6)
-    assert cost.extra_seconds(100, 5000) == pytest.approx(truth(100, 5000) - truth(0, 0), rel=1e-6)
+    assert cost.predict(100, 5000, decodes=4, prefills=2) == pytest.approx(truth(100, 5000, 4, 2), rel=1e-6)
+    assert cost.decode_seconds(12, 5000) == pytest.approx(truth(12, 5000, decodes=12), rel=1e-6)
+    assert cost.extra_seconds(100, 5000) == pytest.approx(truth(100, 5000, prefills=1) - truth(0, 0), rel=1e-6)
     limit = cost.max_prefill(8, 8000, 0, 0.02, 1024)  # the most fresh tokens beside 8 decodes within 20 ms
-    assert truth(8 + limit, 8000 + limit * (limit + 1) // 2) <= 0.02 < truth(9 + limit, 8000 + (limit + 1) * (limit + 2) // 2)
+    fits = lambda n, context: truth(8 + n, 8000 + n * context + n * (n + 1) // 2, decodes=8, prefills=1) <= 0.02
+    assert fits(limit, 0) and not fits(limit + 1, 0)
     later = cost.max_prefill(8, 8000, 3000, 0.02, 1024)  # the same, 3000 tokens into a prompt
-    assert later < limit
-    assert truth(8 + later, 8000 + later * 3000 + later * (later + 1) // 2) <= 0.02
+    assert later < limit and fits(later, 3000) and not fits(later + 1, 3000)
     contexts = [900, 40, 3000, 7, 1200, 500, 64, 2000] * 4
-    count = cost.max_decodes(contexts, 0.0035)  # decodes in order, each one token after its context
+    count = cost.max_decodes(contexts, 0.006)  # decodes in order, each one token after its context
     assert 1 < count < len(contexts)
-    assert truth(count, sum(contexts[:count])) <= 0.0035 < truth(count + 1, sum(contexts[:count + 1]))
-    assert cost.max_decodes([10 ** 6], 0.0035) == 1  # the first always runs, whatever it costs
+    assert truth(count, sum(contexts[:count]), count) <= 0.006 < truth(count + 1, sum(contexts[:count + 1]), count + 1)
+    assert cost.max_decodes([10 ** 6], 0.006) == 1  # the first always runs, whatever it costs
 
 
 def test_a_feature_that_fits_negative_is_dropped():
@@ -142,3 +145,4 @@ def test_slow_steps_with_prefill_are_tpot_breaches_only_if_their_decodes_alone_a
     for _ in range(3):
         observe(policy, 0.02, StepWork(300, 0, 12), tight, [], now=1.0)  # the batch alone misses 1 ms
     assert policy.batch_cap == 6
+

@@ -97,7 +97,7 @@ class SLOPolicy:
             return self.prefill_budget
         decoders = [s for s in running if s.first_token_time is not None and s.num_uncomputed == 1]
         decode_pairs = sum(len(s) for s in decoders)  # one new token after len(s) - 1 computed
-        decode_seconds = self.cost.predict(len(decoders), decode_pairs)
+        decode_seconds = self.cost.decode_seconds(len(decoders), decode_pairs)
         allowances = [a for a in (_step_allowance(s, now) for s in decoders if s.tpot_slo is not None and _on_time(s))
                       if a >= decode_seconds]  # the rest cannot meet their targets even with no prefill
         if not allowances:
@@ -121,11 +121,11 @@ class SLOPolicy:
         """How many of prompts (in the order they would run) are predicted to miss their TTFT targets with
         `room` prefill tokens a step of step_seconds, and to meet them with the whole step for prefill."""
         saved, tokens, pairs = 0, 0, 0
-        for seq in prompts:
+        for count, seq in enumerate(prompts, 1):
             n = seq.num_uncomputed
             tokens, pairs = tokens + n, pairs + n * seq.num_computed + n * (n + 1) // 2
             throttled = -(-tokens // room) * step_seconds
-            full = -(-tokens // max_batched_tokens) * self.cost.predict(0, 0) + self.cost.extra_seconds(tokens, pairs)
+            full = -(-tokens // max_batched_tokens) * self.cost.predict(0, 0) + self.cost.extra_seconds(tokens, pairs, count)
             saved += now + throttled > _due(seq) >= now + full
         return saved
 
@@ -140,7 +140,7 @@ class SLOPolicy:
             return min(self.batch_cap, max_num_seqs)
         seconds = self.slack * min(targets)
         queue = [*running, *candidates][:max_num_seqs]
-        if queue and self.cost.predict(1, len(queue[0])) > seconds:
+        if queue and self.cost.decode_seconds(1, len(queue[0])) > seconds:
             return min(self.batch_cap, max_num_seqs)  # out of reach even alone: holding back gains nothing
         return self.cost.max_decodes([len(seq) for seq in queue], seconds)
 
@@ -154,7 +154,7 @@ class SLOPolicy:
         targets = [s.tpot_slo for s in decoding if s.tpot_slo is not None]
         decodes_alone = step_seconds
         if targets and work.tokens > work.decodes and self.cost.ready:
-            decodes_alone = self.cost.predict(len(decoding), sum(len(s) for s in decoding))
+            decodes_alone = self.cost.decode_seconds(len(decoding), sum(len(s) for s in decoding))
         # A batch above the cap is one admitted before the cap fell: the cap already acts on it.
         self.tpot_history.append(bool(targets) and min(step_seconds, decodes_alone) > min(targets)
                                  and len(decoding) <= self.batch_cap)

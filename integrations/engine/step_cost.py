@@ -8,9 +8,10 @@ from .linear_fit import LinearFit
 
 
 class StepWork(NamedTuple):
-    tokens: int   # new tokens: what the weights multiply
-    pairs: int    # query-key pairs attention scores
-    decodes: int  # sequences decoding one token (the rest of the tokens are prefill)
+    tokens: int        # new tokens: what the weights multiply
+    pairs: int         # query-key pairs attention scores
+    decodes: int       # sequences decoding one token (the rest of the tokens are prefill)
+    prefills: int = 0  # sequences running a prefill chunk
 
 
 def step_work(chunks):
@@ -18,45 +19,55 @@ def step_work(chunks):
     ones score n*c + n*(n+1)/2 pairs)."""
     tokens = sum(n for _, n in chunks)
     pairs = sum(n * seq.num_computed + n * (n + 1) // 2 for seq, n in chunks)
-    return StepWork(tokens, pairs, sum(is_decode(seq, n) for seq, n in chunks))
+    decodes = sum(is_decode(seq, n) for seq, n in chunks)
+    return StepWork(tokens, pairs, decodes, len(chunks) - decodes)
 
 
 class StepCost(LinearFit):
-    """seconds = fixed + per_token * tokens + per_pair * pairs, fitted over the last `window` steps."""
+    """seconds = fixed + per_token * tokens + per_pair * pairs + per_prefill * prefills + per_decode *
+    decodes, fitted over the last `window` steps. The costs per sequence are what tokens and pairs
+    miss: attention runs once for each prefill and gathers each decode's blocks (on the CPU a decode
+    token costs some four prefill tokens; a model of tokens alone put that in the fixed part)."""
 
     def __init__(self, window=64, min_steps=8, refit=8):
-        super().__init__(3, window, min_steps, refit)
+        super().__init__(5, window, min_steps, refit)
 
     def observe(self, work, seconds):
-        self.add((1, work.tokens, work.pairs), seconds)
+        self.add((1, work.tokens, work.pairs, work.prefills, work.decodes), seconds)
 
-    def predict(self, tokens, pairs):
-        return self.estimate((1, tokens, pairs))
+    def predict(self, tokens, pairs, decodes=0, prefills=0):
+        return self.estimate((1, tokens, pairs, prefills, decodes))
 
-    def extra_seconds(self, tokens, pairs):
-        """What adding this work to a step is predicted to cost, without the step's fixed part."""
-        return self.predict(tokens, pairs) - self.predict(0, 0)
+    def decode_seconds(self, count, pairs):
+        """A step of count decodes alone, scoring pairs in all."""
+        return self.predict(count, pairs, decodes=count)
+
+    def extra_seconds(self, tokens, pairs, prefills=1):
+        """What adding this prefill work (of `prefills` sequences) to a step is predicted to cost, without
+        the step's fixed part."""
+        return self.predict(tokens, pairs, prefills=prefills) - self.predict(0, 0)
 
     def max_decodes(self, contexts, seconds):
         """How many of these decodes, taken in order (each one token after its context), a step may run
         and still be predicted to take at most `seconds`; the first always. Asked for every candidate
         every step: the model's formula written out, without a call each."""
-        fixed, per_token, per_pair = self.coefficients()
+        fixed, per_token, per_pair, _, per_decode = self.coefficients()
         count, pairs = 0, 0
         for context in contexts:
             pairs += context
-            if count and fixed + per_token * (count + 1) + per_pair * pairs > seconds:
+            if count and fixed + (per_token + per_decode) * (count + 1) + per_pair * pairs > seconds:
                 break
             count += 1
         return count
 
-    def max_prefill(self, decode_tokens, decode_pairs, context, seconds, limit):
+    def max_prefill(self, decodes, decode_pairs, context, seconds, limit):
         """The most prefill tokens (0..limit) a step with these decodes may add and still be predicted to
         take at most `seconds`, priced as one chunk after `context` computed tokens (n*context +
         n*(n+1)/2 pairs: the worst case for n tokens of prompts that far along)."""
         lo, hi = 0, limit
         while lo < hi:  # the prediction grows with the prefill: bisect
             mid = (lo + hi + 1) // 2
-            fits = self.predict(decode_tokens + mid, decode_pairs + mid * context + mid * (mid + 1) // 2) <= seconds
+            pairs = decode_pairs + mid * context + mid * (mid + 1) // 2
+            fits = self.predict(decodes + mid, pairs, decodes=decodes, prefills=1) <= seconds
             lo, hi = (mid, hi) if fits else (lo, mid - 1)
         return lo
