@@ -81,7 +81,7 @@ def test_prefill_fills_the_step_up_to_the_tightest_tpot_target():
     policy = fitted_policy()
     running = [decoding(first_token_time=1.0, outputs=1) for _ in range(3)]
     running += [decoding(first_token_time=1.0, outputs=1, tpot_slo=0.02)]
-    queue = [request(5000, arrival=1.0)]
+    queue = [request(5000, ttft_slo=0.3, arrival=1.0)]  # 260 ms in whole steps: no time to wait for the decodes
     # 0.8 * 10 ms = 1 ms fixed + 50 us for each of the 4 decodes and each prefill token
     assert policy.prefill_tokens(512, running, queue, now=1.0) == (0.008 - 0.001) / 5e-5 - 4
     tight = [decoding(first_token_time=1.0, outputs=1, tpot_slo=0.0012)]  # met alone, with no slack to spare
@@ -89,7 +89,7 @@ def test_prefill_fills_the_step_up_to_the_tightest_tpot_target():
 
 
 def test_a_decode_ahead_of_its_target_lets_more_prefill_in_and_one_that_cannot_meet_it_none():
-    policy, queue = fitted_policy(), [request(5000, arrival=1.0)]
+    policy, queue = fitted_policy(), [request(5000, ttft_slo=0.3, arrival=1.0)]
     fresh = policy.prefill_tokens(512, [decoding(first_token_time=1.0, outputs=1)], queue, now=1.0)
     # 10 tokens in no time: 19 * 10 ms for the last 10, 19 ms a step; 0.8 of it = 1 ms + 50 us a token
     ahead = policy.prefill_tokens(512, [decoding(first_token_time=1.0, outputs=10)], queue, now=1.0)
@@ -146,3 +146,31 @@ def test_slow_steps_with_prefill_are_tpot_breaches_only_if_their_decodes_alone_a
         observe(policy, 0.02, StepWork(300, 0, 12), tight, [], now=1.0)  # the batch alone misses 1 ms
     assert policy.batch_cap == 6
 
+
+def test_prompts_with_time_to_spare_wait_for_the_decodes_to_finish():
+    """One decode with 19 tokens to go: some 20 ms of decode-only steps. A 5000-token prompt due in 1 s
+    (260 ms in whole steps) waits for it: no prefill at all. Due in 300 ms it cannot wait: it is chunked
+    in beside the decode. Nor while a preempted request waits: its TPOT runs on."""
+    policy = fitted_policy()
+    running = [decoding(first_token_time=1.0, outputs=1)]
+    assert policy.prefill_tokens(512, running, [request(5000, ttft_slo=1.0, arrival=1.0)], now=1.0) == 0
+    assert policy.prefill_tokens(512, running, [request(5000, ttft_slo=0.3, arrival=1.0)], now=1.0) > 16
+    preempted = decoding(first_token_time=0.9, outputs=3)
+    preempted.num_computed = 0
+    assert policy.prefill_tokens(512, running, [preempted, request(5000, ttft_slo=1.0, arrival=1.0)], now=1.0) > 16
+    many = [decoding(first_token_time=1.0, outputs=1) for _ in range(4)]
+    for seq in many:
+        seq.params = SamplingParams(temperature=0, max_tokens=4000)  # ~4 s of decodes: the prompt cannot wait
+    assert policy.prefill_tokens(512, many, [request(5000, ttft_slo=1.0, arrival=1.0)], now=1.0) > 0
+
+
+def test_admission_drops_the_longest_prompt_where_the_queue_runs_late():
+    """1 ms a step, 50 us a token, 512 tokens a step: 200 tokens take 10.4 ms, 600 take 31.2 ms. Earliest
+    deadline first, B would end at 41.6 ms, past its 40 ms, and C at 52 ms, past its 45: one in time. Without
+    B, A and C both are: B goes last, and not at all while a decode with targets runs."""
+    policy = fitted_policy()
+    a, b, c = (request(n, ttft_slo=due, arrival=1.0) for n, due in ((200, 0.030), (600, 0.040), (200, 0.045)))
+    assert policy.order([c, b, a], [], now=1.0) == [a, c, b]
+    assert policy.order([c, b, a], [decoding(first_token_time=1.0)], now=1.0) == [a, c]
+    unfitted = SLOPolicy(StepCost(), host_budget=0, max_batched_tokens=512, max_num_seqs=32, min_prefill_tokens=16)
+    assert unfitted.order([c, b, a], [], now=1.0) == [a, b, c]  # no model: deadline order

@@ -1,5 +1,6 @@
 """Scheduling policies: what the scheduler asks before each step (order of admission, prefill tokens,
 how many may run, how much KV may be borrowed) and what it tells after (observe)."""
+import heapq
 from collections import deque
 
 
@@ -58,14 +59,20 @@ class SLOPolicy:
       decoding, the most that the cost model predicts keeps the step within `slack` of what each one's
       target still allows a step (its target's time for all its tokens, less what it used, spread over
       those to come: a request ahead of its target has time banked), at least `min_prefill_tokens`: a
-      burst of prompts is chunked in beside the decodes instead of stalling them. Unless that pace would
-      make more than `trade` times as many prompts miss their TTFT targets (that could then decode in
-      time beside those running) as there are decodes to protect: then the step takes the whole prefill
-      budget. A first token saved is worth less than a decode kept: it counts only if the request then
+      burst of prompts is chunked in beside the decodes instead of stalling them. But none while the
+      decodes can all finish first and the prompts still make their TTFT targets, within `slack`,
+      prefilled after them in whole steps: a prefill slows every decode beside it, and a burst's first
+      prompt is decoding before the rest have arrived. And unless that pace would make more than `trade`
+      times as many prompts miss their TTFT targets (that could then decode in time beside those
+      running) as there are decodes to protect: then the step takes the whole prefill budget. A first token saved is worth less than a decode kept: it counts only if the request then
       meets its TPOT too, beside whatever arrives next (trading one for one collapsed under full load).
       Until the model is ready, a budget halved on TPOT breaches and doubled on TTFT breaches stands in.
-    Preempted requests that had their first token go first; then waiting requests earliest TTFT deadline
-    first; those already past it go last, as they can no longer count towards goodput."""
+    - Admission order: preempted requests that had their first token go first; then waiting requests
+      earliest TTFT deadline first, less those that cannot all make it: where whole-step prefills of
+      the queue in that order are predicted late, the longest prompt goes (Moore and Hodgson's rule:
+      the most first tokens in time); those and the requests past their deadlines go last, as they can
+      no longer count towards goodput.
+    The cost model prices a step by its tokens, attention pairs, prefill chunks and decodes."""
 
     def __init__(self, cost, host_budget, max_batched_tokens, max_num_seqs, min_prefill_tokens, window=5, breaches=3,
                  slack=0.8, trade=4):
@@ -81,15 +88,44 @@ class SLOPolicy:
 
     def order(self, waiting, running, now):
         """Preempted requests that already had their first token go first (their TTFT is settled; their
-        TPOT runs on, and a swapped one holds host memory), oldest first. Then earliest TTFT deadline first.
-        Requests past theirs come last, and only once no request that can still meet its targets is
+        TPOT runs on, and a swapped one holds host memory), oldest first. Then earliest TTFT deadline
+        first, less those that cannot all make their deadlines (see _most_in_time). Requests past theirs,
+        or dropped, come last, oldest first, and only once no request that can still meet its targets is
         running: their prefill would slow its decode for no goodput."""
         started = sorted((s for s in waiting if s.first_token_time is not None), key=lambda s: s.arrival)
         fresh = [s for s in waiting if s.first_token_time is None]
         on_time = sorted((s for s in fresh if _due(s) >= now), key=lambda s: (_due(s), s.arrival))
+        on_time, dropped = self._most_in_time(on_time, running, now)
         if any(_on_time(s) and s.tpot_slo is not None for s in running):
             return started + on_time
-        return started + on_time + sorted((s for s in fresh if _due(s) < now), key=lambda s: s.arrival)
+        late = sorted(dropped + [s for s in fresh if _due(s) < now], key=lambda s: s.arrival)
+        return started + on_time + late
+
+    def _most_in_time(self, prompts, running, now):
+        """(kept, dropped): the most of prompts (in deadline order) predicted to get their first tokens by
+        their TTFT deadlines, prefilled one after another in whole steps after the running prompts, and
+        the rest. Moore and Hodgson's rule, optimal for one machine: wherever the kept run late, drop the
+        longest kept. A burst that prefill cannot clear in time loses its fewest requests, not its last."""
+        if not self.cost.ready:
+            return prompts, []
+        seconds = [self._prefill_seconds(seq) for seq in prompts]
+        finish = now + sum(self._prefill_seconds(s) for s in running if s.first_token_time is None)
+        kept = []  # heap of (-seconds, index)
+        for i, seq in enumerate(prompts):
+            heapq.heappush(kept, (-seconds[i], i))
+            finish += seconds[i]
+            if finish > _due(seq):
+                finish += heapq.heappop(kept)[0]
+        keep = {i for _, i in kept}
+        return ([seq for i, seq in enumerate(prompts) if i in keep],
+                [seq for i, seq in enumerate(prompts) if i not in keep])
+
+    def _prefill_seconds(self, seq):
+        """Predicted seconds seq's uncomputed tokens add to whole-budget prefill steps, with their share
+        of the steps' fixed cost."""
+        n = seq.num_uncomputed
+        pairs = n * seq.num_computed + n * (n + 1) // 2
+        return self.cost.extra_seconds(n, pairs) + self.cost.predict(0, 0) * n / self.max_prefill
 
     def prefill_tokens(self, max_batched_tokens, running, waiting, now):
         """Prefill tokens the coming step may run beside the decodes of `running`: see the class docstring."""
@@ -102,30 +138,65 @@ class SLOPolicy:
                       if a >= decode_seconds]  # the rest cannot meet their targets even with no prefill
         if not allowances:
             return max_batched_tokens
+        # A first token in time counts only for a prompt that can then decode within its target too: no
+        # more than the cost model lets run beside those running.
+        fresh = [s for s in self.order(waiting, running, now) if s.first_token_time is None and _due(s) >= now]
+        fresh = fresh[:max(0, self.max_running(len(running) + len(fresh), running, fresh) - len(running))]
+        prompts = [s for s in running if s.first_token_time is None] + fresh
+        if self._decodes_finish_first(decoders, prompts, waiting, max_batched_tokens, now):
+            return 0
         seconds = self.slack * min(allowances)
         # Running prompts go first, each chunk after its computed tokens: price it at the longest context.
         context = max((s.num_computed for s in running if s.num_uncomputed > 1 or s.first_token_time is None),
                       default=0)
         room = max(self.min_prefill, self.cost.max_prefill(len(decoders), decode_pairs, context, seconds,
                                                            max_batched_tokens))
-        # A first token in time counts only for a prompt that can then decode within its target too: no
-        # more than the cost model lets run beside those running.
-        fresh = [s for s in self.order(waiting, running, now) if s.first_token_time is None and _due(s) >= now]
-        fresh = fresh[:max(0, self.max_running(len(running) + len(fresh), running, fresh) - len(running))]
-        prompts = [s for s in running if s.first_token_time is None] + fresh
         if self._ttft_saved(prompts, room, seconds, max_batched_tokens, now) > self.trade * len(allowances):
             return max_batched_tokens
         return room
 
-    def _ttft_saved(self, prompts, room, step_seconds, max_batched_tokens, now):
-        """How many of prompts (in the order they would run) are predicted to miss their TTFT targets with
-        `room` prefill tokens a step of step_seconds, and to meet them with the whole step for prefill."""
-        saved, tokens, pairs = 0, 0, 0
+    def _decodes_finish_first(self, decoders, prompts, waiting, max_batched_tokens, now):
+        """Whether the decodes running may all finish, in decode-only steps, before the prompts prefill at
+        the whole step's pace and still get their first tokens within `slack` of their TTFT targets. Every
+        step a prefill rides along slows every decode in it, and a burst's prompts arrive while the first
+        of them already decodes; prompts with time to spare can wait instead, and prefill beside none."""
+        if any(s.first_token_time is not None for s in waiting):
+            return False  # preempted requests: their TPOT runs on while they wait
+        waited = self._drain_seconds(decoders)
+        return all(waited + seconds <= self.slack * (_due(seq) - now)
+                   for seq, seconds in self._whole_steps(prompts, max_batched_tokens))
+
+    def _drain_seconds(self, decoders):
+        """Predicted seconds of decode-only steps until decoders have all their tokens (max_tokens each: an
+        end-of-sequence token may finish one sooner)."""
+        left = sorted((s.params.max_tokens - len(s.output_token_ids), len(s)) for s in decoders)
+        seconds, done, pairs = 0.0, 0, sum(context for _, context in left)
+        for i, (tokens, _) in enumerate(left):
+            alive, steps = len(left) - i, tokens - done
+            if steps > 0:  # steps decodes alike, their contexts one longer each step: the mean is exact
+                seconds += steps * self.cost.decode_seconds(alive, pairs + alive * (steps - 1) / 2)
+                pairs += alive * steps
+                done = tokens
+            pairs -= left[i][1] + done  # it finishes: its context leaves the steps
+        return seconds
+
+    def _whole_steps(self, prompts, max_batched_tokens):
+        """(prompt, predicted seconds until its first token) for prompts in the order they would run, each
+        step taking the whole prefill budget."""
+        tokens, pairs = 0, 0
         for count, seq in enumerate(prompts, 1):
             n = seq.num_uncomputed
             tokens, pairs = tokens + n, pairs + n * seq.num_computed + n * (n + 1) // 2
+            steps = -(-tokens // max_batched_tokens)
+            yield seq, steps * self.cost.predict(0, 0) + self.cost.extra_seconds(tokens, pairs, prefills=count)
+
+    def _ttft_saved(self, prompts, room, step_seconds, max_batched_tokens, now):
+        """How many of prompts (in the order they would run) are predicted to miss their TTFT targets with
+        `room` prefill tokens a step of step_seconds, and to meet them with the whole step for prefill."""
+        saved, tokens = 0, 0
+        for seq, full in self._whole_steps(prompts, max_batched_tokens):
+            tokens += seq.num_uncomputed
             throttled = -(-tokens // room) * step_seconds
-            full = -(-tokens // max_batched_tokens) * self.cost.predict(0, 0) + self.cost.extra_seconds(tokens, pairs, count)
             saved += now + throttled > _due(seq) >= now + full
         return saved
 
