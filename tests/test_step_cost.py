@@ -98,17 +98,19 @@ def test_a_decode_ahead_of_its_target_lets_more_prefill_in_and_one_that_cannot_m
     assert policy.prefill_tokens(512, [behind], queue, now=1.18) == 512
 
 
-@pytest.mark.parametrize("due, trade, full_step", [(0.045, 1, True), (0.045, 4, False), (0.05, 1, False)])
-def test_prefill_takes_the_whole_step_when_that_saves_enough_first_tokens_per_decode_it_costs(due, trade, full_step):
-    """One decode allows 139 prefill tokens a 8 ms step. Eight 100-token prompts due in 45 ms: at that
-    pace the last two miss (6 steps, 48 ms); in whole steps they make it (1 ms + 50 us a token, 36 and
-    41 ms). Two first tokens saved outweigh one decode's TPOT if one is worth one (trade 1), not if a
-    decode is worth four. Due in 50 ms, none is lost: keep the pace."""
+@pytest.mark.parametrize("tpot, trade, full_step", [(0.01, 4, True), (0.003, 1, True), (0.003, 4, False)])
+def test_prefill_takes_the_whole_step_when_that_saves_enough_first_tokens_per_decode_it_harms(tpot, trade, full_step):
+    """Eight 100-token prompts due in 45 ms: in whole steps (1 ms + 50 us a token) all make it, by 6 to 41
+    ms. A decode with a 10 ms TPOT target and 19 tokens to go has 170 ms to spare beyond its own steps:
+    whole steps of prefill cannot push it past its target, so the step takes them. With a 3 ms target it
+    has 37 ms, less than the 41 ms of prefill; at its pace (27 tokens a 2.4 ms step) the last four prompts
+    miss. Four first tokens saved outweigh one decode if one is worth one (trade 1), not if a decode is
+    worth four."""
     policy = fitted_policy()
     policy.trade = trade
-    prompts = [request(100, ttft_slo=due, arrival=1.0) for _ in range(8)]
-    room = policy.prefill_tokens(1024, [decoding(first_token_time=1.0, outputs=1)], prompts, now=1.0)
-    assert room == (1024 if full_step else 139)
+    prompts = [request(100, ttft_slo=0.045, arrival=1.0) for _ in range(8)]
+    room = policy.prefill_tokens(1024, [decoding(first_token_time=1.0, outputs=1, tpot_slo=tpot)], prompts, now=1.0)
+    assert room == (1024 if full_step else 27)
 
 
 def test_batch_is_as_large_as_the_model_predicts_decodes_within_the_tpot_target():

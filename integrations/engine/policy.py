@@ -30,12 +30,20 @@ def _on_time(seq):
     return seq.first_token_time - seq.arrival <= seq.ttft_slo
 
 
+def _time_left(seq, now):
+    """Seconds seq's TPOT target leaves for the tokens still to come: the target's time for all
+    max_tokens of them, less what it has used."""
+    return seq.tpot_slo * (seq.params.max_tokens - 1) - (now - seq.first_token_time)
+
+
+def _tokens_left(seq):
+    return max(1, seq.params.max_tokens - len(seq.output_token_ids))
+
+
 def _step_allowance(seq, now):
     """Seconds each step decoding seq may take for its mean time per output token to meet its target:
-    what the target leaves for the tokens still to come (max_tokens of them at most), spread over them.
-    A request ahead of its target has time banked."""
-    remaining = max(1, seq.params.max_tokens - len(seq.output_token_ids))
-    return (seq.tpot_slo * (seq.params.max_tokens - 1) - (now - seq.first_token_time)) / remaining
+    the time left, spread over the tokens to come. A request ahead of its target has time banked."""
+    return _time_left(seq, now) / _tokens_left(seq)
 
 
 def _due(seq):
@@ -64,7 +72,9 @@ class SLOPolicy:
       prefilled after them in whole steps: a prefill slows every decode beside it, and a burst's first
       prompt is decoding before the rest have arrived. And unless that pace would make more than `trade`
       times as many prompts miss their TTFT targets (that could then decode in time beside those
-      running) as there are decodes to protect: then the step takes the whole prefill budget. A first token saved is worth less than a decode kept: it counts only if the request then
+      running) as there are decodes that whole steps of prefill would push past their targets (those
+      whose banked time cannot absorb the prompts' prefill): then the step takes the whole prefill
+      budget. A first token saved is worth less than a decode kept: it counts only if the request then
       meets its TPOT too, beside whatever arrives next (trading one for one collapsed under full load).
       Until the model is ready, a budget halved on TPOT breaches and doubled on TTFT breaches stands in.
     - Admission order: preempted requests that had their first token go first; then waiting requests
@@ -106,7 +116,7 @@ class SLOPolicy:
         their TTFT deadlines, prefilled one after another in whole steps after the running prompts, and
         the rest. Moore and Hodgson's rule, optimal for one machine: wherever the kept run late, drop the
         longest kept. A burst that prefill cannot clear in time loses its fewest requests, not its last."""
-        if not self.cost.ready:
+        if not self.cost.ready or all(seq.ttft_slo is None for seq in prompts):
             return prompts, []
         seconds = [self._prefill_seconds(seq) for seq in prompts]
         finish = now + sum(self._prefill_seconds(s) for s in running if s.first_token_time is None)
@@ -134,37 +144,42 @@ class SLOPolicy:
         decoders = [s for s in running if s.first_token_time is not None and s.num_uncomputed == 1]
         decode_pairs = sum(len(s) for s in decoders)  # one new token after len(s) - 1 computed
         decode_seconds = self.cost.decode_seconds(len(decoders), decode_pairs)
-        allowances = [a for a in (_step_allowance(s, now) for s in decoders if s.tpot_slo is not None and _on_time(s))
-                      if a >= decode_seconds]  # the rest cannot meet their targets even with no prefill
-        if not allowances:
+        # The rest cannot meet their targets even with no prefill.
+        protected = [s for s in decoders if s.tpot_slo is not None and _on_time(s)
+                     and _step_allowance(s, now) >= decode_seconds]
+        if not protected:
             return max_batched_tokens
         # A first token in time counts only for a prompt that can then decode within its target too: no
         # more than the cost model lets run beside those running.
         fresh = [s for s in self.order(waiting, running, now) if s.first_token_time is None and _due(s) >= now]
         fresh = fresh[:max(0, self.max_running(len(running) + len(fresh), running, fresh) - len(running))]
-        prompts = [s for s in running if s.first_token_time is None] + fresh
-        if self._decodes_finish_first(decoders, prompts, waiting, max_batched_tokens, now):
+        whole = list(self._whole_steps([s for s in running if s.first_token_time is None] + fresh,
+                                       max_batched_tokens))
+        if self._decodes_finish_first(decoders, whole, waiting, now):
             return 0
-        seconds = self.slack * min(allowances)
+        seconds = self.slack * min(_step_allowance(s, now) for s in protected)
         # Running prompts go first, each chunk after its computed tokens: price it at the longest context.
         context = max((s.num_computed for s in running if s.num_uncomputed > 1 or s.first_token_time is None),
                       default=0)
         room = max(self.min_prefill, self.cost.max_prefill(len(decoders), decode_pairs, context, seconds,
                                                            max_batched_tokens))
-        if self._ttft_saved(prompts, room, seconds, max_batched_tokens, now) > self.trade * len(allowances):
+        # Whole steps of prefill push past its target only a decode whose banked time cannot absorb them.
+        prefill = whole[-1][1] if whole else 0.0
+        harmed = sum(_time_left(s, now) - _tokens_left(s) * decode_seconds < prefill for s in protected)
+        if self._ttft_saved(whole, room, seconds, now) > self.trade * harmed:
             return max_batched_tokens
         return room
 
-    def _decodes_finish_first(self, decoders, prompts, waiting, max_batched_tokens, now):
-        """Whether the decodes running may all finish, in decode-only steps, before the prompts prefill at
-        the whole step's pace and still get their first tokens within `slack` of their TTFT targets. Every
-        step a prefill rides along slows every decode in it, and a burst's prompts arrive while the first
-        of them already decodes; prompts with time to spare can wait instead, and prefill beside none."""
+    def _decodes_finish_first(self, decoders, whole, waiting, now):
+        """Whether the decodes running may all finish, in decode-only steps, before the prompts prefill in
+        whole steps (`whole`: _whole_steps()) and still get their first tokens within `slack` of their
+        TTFT targets. Every step a prefill rides along slows every decode in it, and a burst's prompts
+        arrive while the first of them already decodes; prompts with time to spare can wait instead, and
+        prefill beside none."""
         if any(s.first_token_time is not None for s in waiting):
             return False  # preempted requests: their TPOT runs on while they wait
         waited = self._drain_seconds(decoders)
-        return all(waited + seconds <= self.slack * (_due(seq) - now)
-                   for seq, seconds in self._whole_steps(prompts, max_batched_tokens))
+        return all(waited + seconds <= self.slack * (_due(seq) - now) for seq, seconds in whole)
 
     def _drain_seconds(self, decoders):
         """Predicted seconds of decode-only steps until decoders have all their tokens (max_tokens each: an
@@ -190,11 +205,11 @@ class SLOPolicy:
             steps = -(-tokens // max_batched_tokens)
             yield seq, steps * self.cost.predict(0, 0) + self.cost.extra_seconds(tokens, pairs, prefills=count)
 
-    def _ttft_saved(self, prompts, room, step_seconds, max_batched_tokens, now):
-        """How many of prompts (in the order they would run) are predicted to miss their TTFT targets with
-        `room` prefill tokens a step of step_seconds, and to meet them with the whole step for prefill."""
+    def _ttft_saved(self, whole, room, step_seconds, now):
+        """How many prompts are predicted to miss their TTFT targets with `room` prefill tokens a step of
+        step_seconds, and to meet them in whole steps (`whole`: _whole_steps())."""
         saved, tokens = 0, 0
-        for seq, full in self._whole_steps(prompts, max_batched_tokens):
+        for seq, full in whole:
             tokens += seq.num_uncomputed
             throttled = -(-tokens // room) * step_seconds
             saved += now + throttled > _due(seq) >= now + full
