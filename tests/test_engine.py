@@ -346,6 +346,24 @@ def test_unchunked_prompt_longer_than_the_slo_prefill_budget_runs(tiny_model):
     assert_pool_empty(llm)
 
 
+def test_a_policy_that_wants_no_prefill_gets_none_even_unchunked(tiny_model, monkeypatch):
+    """The SLO policy asks for no prefill while decodes may finish first; with chunked prefill off the
+    exemption of a step's first prefill from the budget must not override that."""
+    llm = tiny_engine(tiny_model, chunked_prefill=False)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    llm.add_request([3] * 8, params)
+    llm.step()  # its prefill: it decodes from now on
+    monkeypatch.setattr(llm.scheduler.policy, "prefill_tokens", lambda *args: 0)
+    llm.add_request([5] * 8, params)
+    llm.step()
+    assert llm.metrics.steps[-1]["tokens"] == 1  # the decode alone
+    monkeypatch.undo()
+    while llm.has_unfinished_requests():
+        llm.step()
+    assert len(llm.metrics.requests) == 2
+    assert_pool_empty(llm)
+
+
 def test_a_failed_step_leaves_no_view_that_blocks_an_abort(tiny_model, monkeypatch):
     """The failed step's traceback would hold views of the KV cache; aborting the last request in the
     except block makes the engine idle and unmaps its KV, which a live view would refuse."""

@@ -176,3 +176,14 @@ def test_admission_drops_the_longest_prompt_where_the_queue_runs_late():
     assert policy.order([c, b, a], [decoding(first_token_time=1.0)], now=1.0) == [a, c]
     unfitted = SLOPolicy(StepCost(), host_budget=0, max_batched_tokens=512, max_num_seqs=32, min_prefill_tokens=16)
     assert unfitted.order([c, b, a], [], now=1.0) == [a, b, c]  # no model: deadline order
+
+
+def test_a_preempted_request_prefilling_again_is_never_held_back():
+    """Preempted by recompute and admitted again, a request that had its first token prefills its tokens
+    once more while its TPOT runs on: no waiting for the decodes beside it, even with nothing queued."""
+    policy = fitted_policy()
+    long_decode = decoding(first_token_time=1.0, outputs=1)
+    long_decode.params = SamplingParams(temperature=0, max_tokens=500)
+    again = decoding(first_token_time=0.9, outputs=5)
+    again.num_computed = 8  # its first chunk done, 17 tokens to go
+    assert policy.prefill_tokens(512, [long_decode, again], [], now=1.0) > 0

@@ -31,8 +31,8 @@ def _on_time(seq):
 
 
 def _time_left(seq, now):
-    """Seconds seq's TPOT target leaves for the tokens still to come: the target's time for all
-    max_tokens of them, less what it has used."""
+    """Seconds seq's TPOT target leaves for the tokens still to come: the target's time for the
+    max_tokens - 1 tokens after the first, less what it has used."""
     return seq.tpot_slo * (seq.params.max_tokens - 1) - (now - seq.first_token_time)
 
 
@@ -155,7 +155,7 @@ class SLOPolicy:
         fresh = fresh[:max(0, self.max_running(len(running) + len(fresh), running, fresh) - len(running))]
         whole = list(self._whole_steps([s for s in running if s.first_token_time is None] + fresh,
                                        max_batched_tokens))
-        if self._decodes_finish_first(decoders, whole, waiting, now):
+        if self._decodes_finish_first(decoders, whole, running, waiting, now):
             return 0
         seconds = self.slack * min(_step_allowance(s, now) for s in protected)
         # Running prompts go first, each chunk after its computed tokens: price it at the longest context.
@@ -170,14 +170,15 @@ class SLOPolicy:
             return max_batched_tokens
         return room
 
-    def _decodes_finish_first(self, decoders, whole, waiting, now):
+    def _decodes_finish_first(self, decoders, whole, running, waiting, now):
         """Whether the decodes running may all finish, in decode-only steps, before the prompts prefill in
-        whole steps (`whole`: _whole_steps()) and still get their first tokens within `slack` of their
-        TTFT targets. Every step a prefill rides along slows every decode in it, and a burst's prompts
-        arrive while the first of them already decodes; prompts with time to spare can wait instead, and
-        prefill beside none."""
-        if any(s.first_token_time is not None for s in waiting):
-            return False  # preempted requests: their TPOT runs on while they wait
+        whole steps (`whole`: _whole_steps()) and still get their first tokens within `slack` of the time
+        left to their TTFT deadlines. Every step a prefill rides along slows every decode in it, and a
+        burst's prompts arrive while the first of them already decodes; prompts with time to spare can
+        wait instead, and prefill beside none."""
+        if (any(s.first_token_time is not None for s in waiting)
+                or any(s.first_token_time is not None and s.num_uncomputed > 1 for s in running)):
+            return False  # preempted, waiting or prefilling again: their TPOT runs on while they wait
         waited = self._drain_seconds(decoders)
         return all(waited + seconds <= self.slack * (_due(seq) - now) for seq, seconds in whole)
 

@@ -112,8 +112,9 @@ class Scheduler:
         it has left, or a chunk where it may be chunked (0: none)."""
         room = self.max_batched_tokens - tokens
         # A prefill: the policy limits those, but not a step's first where prefills cannot be chunked
-        # (a prompt longer than the policy's budget would never run).
-        if not (seq.num_uncomputed == 1 and seq.num_computed > 0) and (self.chunked_prefill or prefill_tokens):
+        # (a prompt longer than the policy's budget would never run), unless the policy wants none.
+        if not (seq.num_uncomputed == 1 and seq.num_computed > 0) and (
+                self.chunked_prefill or prefill_tokens or not self._prefill_budget):
             room = min(room, self._prefill_budget - prefill_tokens)
         n = max(0, min(seq.num_uncomputed, room))
         return n if n == seq.num_uncomputed or self._may_chunk(seq) else 0
