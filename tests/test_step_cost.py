@@ -39,6 +39,23 @@ def test_fit_recovers_a_linear_cost_and_predicts():
     assert 1 < count < len(contexts)
     assert truth(count, sum(contexts[:count]), count) <= 0.006 < truth(count + 1, sum(contexts[:count + 1]), count + 1)
     assert cost.max_decodes([10 ** 6], 0.006) == 1  # the first always runs, whatever it costs
+    chunk = SimpleNamespace(num_uncomputed=100, num_computed=300)  # 100 tokens after 300, steps of 512
+    share = truth(0, 0) * 100 / 512
+    assert cost.prefill_seconds([chunk], 512) == pytest.approx([cost.extra_seconds(100, 100 * 300 + 5050) + share])
+
+
+def test_a_long_decode_only_stretch_keeps_the_prefill_costs():
+    """In decode-only steps tokens equal decodes and no prefill runs: a window of those alone cannot
+    tell the costs apart. Steps with prefill keep a window of their own."""
+    cost = StepCost()
+    truth = lambda w: 2.2e-3 + 5.9e-5 * w.tokens + 2.2e-7 * w.pairs + 8.4e-4 * w.prefills + 2.5e-4 * w.decodes
+    mixed = [StepWork(300, 40_000, 4, 2), StepWork(512, 130_000, 0, 1), StepWork(70, 9000, 6, 1),
+             StepWork(8, 1600, 8, 0), StepWork(16, 4000, 16, 0), StepWork(129, 20_000, 1, 1)] * 4
+    for work in mixed + [StepWork(n, 300 * n, n, 0) for n in (8, 9, 10, 11) * 50]:
+        cost.observe(work, truth(work))
+    prefill = StepWork(512, 512 * 513 // 2, 0, 1)
+    assert cost.predict(prefill.tokens, prefill.pairs, prefills=1) == pytest.approx(truth(prefill), rel=1e-3)
+    assert cost.decode_seconds(12, 3600) == pytest.approx(truth(StepWork(12, 3600, 12, 0)), rel=1e-3)
 
 
 def test_a_feature_that_fits_negative_is_dropped():
@@ -176,6 +193,14 @@ def test_admission_drops_the_longest_prompt_where_the_queue_runs_late():
     assert policy.order([c, b, a], [decoding(first_token_time=1.0)], now=1.0) == [a, c]
     unfitted = SLOPolicy(StepCost(), host_budget=0, max_batched_tokens=512, max_num_seqs=32, min_prefill_tokens=16)
     assert unfitted.order([c, b, a], [], now=1.0) == [a, b, c]  # no model: deadline order
+    # 600 tokens due in 50 ms after two of 200: late, dropped; unless only the first 2 * max_num_seqs
+    # are judged (no step admits more), where it keeps its place.
+    d = request(600, ttft_slo=0.050, arrival=1.0)
+    e = request(200, ttft_slo=0.045, arrival=1.0)
+    running = [decoding(first_token_time=1.0)]
+    assert policy.order([d, e, a], running, now=1.0) == [a, e]
+    policy.max_batch = 1
+    assert policy.order([d, e, a], running, now=1.0) == [a, e, d]
 
 
 def test_a_preempted_request_prefilling_again_is_never_held_back():

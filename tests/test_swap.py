@@ -71,7 +71,7 @@ def test_kv_round_trips_through_host_into_other_blocks(overlap):
     swap.done([seq], copies)
     assert not swap.holds(seq) and pool.host_buffer_bytes == 0
     # what pays_off prices copies by: (fixed, bytes) -> seconds, each way
-    assert swap.copy_out.history[0][0] == swap.copy_in.history[0][0] == (1, 3 * 5 * kv.block_bytes)
+    assert swap.copy_out.history()[0][0] == swap.copy_in.history()[0][0] == (1, 3 * 5 * kv.block_bytes)
     assert all(float(view[[2, 3, 4, 6]].abs().sum()) == 0 for view in kv.views)  # nothing else written
     kv.release()
 
@@ -151,7 +151,7 @@ def test_auto_swaps_now_and_then_to_keep_the_copy_costs_measured():
         assert [swap.worth_swapping(short) for _ in range(SwapSpace.EXPLORE)] == [False] * (SwapSpace.EXPLORE - 1) + [True]
         assert swap.swap_out(short, allowance=1 * MB)  # the explored swap: measured, the count starts again
         swap.discard(short)
-    assert len(swap.copy_out.history) == 2 + 3
+    assert len(swap.copy_out.history()) == 2 + 3
     swap.release()
     kv.release()
 

@@ -1,6 +1,6 @@
 """A cost model fitted online: seconds = coefficients . features, by least squares over the last
-`window` observations, every coefficient kept >= 0 (a feature that fits negative is dropped: more
-work never makes a device faster, whatever the noise says)."""
+`window` observations of each kind, every coefficient kept >= 0 (a feature that fits negative is
+dropped: more work never makes a device faster, whatever the noise says)."""
 from collections import deque
 
 import numpy as np
@@ -8,24 +8,31 @@ import numpy as np
 
 class LinearFit:
     """Ready after `min_samples` observations. The normal equations are kept as running sums, and the
-    solve is redone every `refit` observations: the device does not change faster than that."""
+    solve is redone every `refit` observations: the device does not change faster than that. Each kind
+    of observation keeps its own window, so that a long run of one kind (decode-only steps, say) cannot
+    push out the others and leave features it never varies to an arbitrary split."""
 
     def __init__(self, num_features, window=64, min_samples=8, refit=8):
         self.k = num_features
-        self.history = deque()
+        self.histories = {}  # kind -> deque of (features, seconds)
         self.window, self.min_samples, self.refit = window, min_samples, refit
         self._xtx, self._xty = [[0.0] * num_features for _ in range(num_features)], [0.0] * num_features
-        self._coef, self._unfitted = None, 0
+        self._coef, self._unfitted, self._samples = None, 0, 0
 
     @property
     def ready(self):
-        return len(self.history) >= self.min_samples
+        return self._samples >= self.min_samples
 
-    def add(self, features, seconds):
-        self.history.append((tuple(map(float, features)), seconds))
-        self._accumulate(*self.history[-1], 1.0)
-        if len(self.history) > self.window:
-            self._accumulate(*self.history.popleft(), -1.0)
+    def history(self, kind=0):
+        return self.histories.get(kind, ())
+
+    def add(self, features, seconds, kind=0):
+        history = self.histories.setdefault(kind, deque())
+        history.append((tuple(map(float, features)), seconds))
+        self._accumulate(*history[-1], 1.0)
+        if len(history) > self.window:
+            self._accumulate(*history.popleft(), -1.0)
+        self._samples = sum(map(len, self.histories.values()))
         self._unfitted += 1
 
     def _accumulate(self, x, seconds, sign):

@@ -115,27 +115,23 @@ class SLOPolicy:
         """(kept, dropped): the most of prompts (in deadline order) predicted to get their first tokens by
         their TTFT deadlines, prefilled one after another in whole steps after the running prompts, and
         the rest. Moore and Hodgson's rule, optimal for one machine: wherever the kept run late, drop the
-        longest kept. A burst that prefill cannot clear in time loses its fewest requests, not its last."""
+        longest kept. A burst that prefill cannot clear in time loses its fewest requests, not its last.
+        Only the first 2 * max_num_seqs are judged (no step admits more); the others stay in order."""
         if not self.cost.ready or all(seq.ttft_slo is None for seq in prompts):
             return prompts, []
-        seconds = [self._prefill_seconds(seq) for seq in prompts]
-        finish = now + sum(self._prefill_seconds(s) for s in running if s.first_token_time is None)
+        judged, rest = prompts[:2 * self.max_batch], prompts[2 * self.max_batch:]
+        seconds = self.cost.prefill_seconds(judged, self.max_prefill)
+        finish = now + sum(self.cost.prefill_seconds([s for s in running if s.first_token_time is None],
+                                                     self.max_prefill))
         kept = []  # heap of (-seconds, index)
-        for i, seq in enumerate(prompts):
+        for i, seq in enumerate(judged):
             heapq.heappush(kept, (-seconds[i], i))
             finish += seconds[i]
             if finish > _due(seq):
                 finish += heapq.heappop(kept)[0]
         keep = {i for _, i in kept}
-        return ([seq for i, seq in enumerate(prompts) if i in keep],
-                [seq for i, seq in enumerate(prompts) if i not in keep])
-
-    def _prefill_seconds(self, seq):
-        """Predicted seconds seq's uncomputed tokens add to whole-budget prefill steps, with their share
-        of the steps' fixed cost."""
-        n = seq.num_uncomputed
-        pairs = n * seq.num_computed + n * (n + 1) // 2
-        return self.cost.extra_seconds(n, pairs) + self.cost.predict(0, 0) * n / self.max_prefill
+        return ([seq for i, seq in enumerate(judged) if i in keep] + rest,
+                [seq for i, seq in enumerate(judged) if i not in keep])
 
     def prefill_tokens(self, max_batched_tokens, running, waiting, now):
         """Prefill tokens the coming step may run beside the decodes of `running`: see the class docstring."""

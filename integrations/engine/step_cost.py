@@ -25,15 +25,18 @@ def step_work(chunks):
 
 class StepCost(LinearFit):
     """seconds = fixed + per_token * tokens + per_pair * pairs + per_prefill * prefills + per_decode *
-    decodes, fitted over the last `window` steps. The costs per sequence are what tokens and pairs
-    miss: attention runs once for each prefill and gathers each decode's blocks (on the CPU a decode
-    token costs some four prefill tokens; a model of tokens alone put that in the fixed part)."""
+    decodes, fitted over the last `window` steps with prefill and the last `window` without. The costs
+    per sequence are what tokens and pairs miss: attention runs once for each prefill and gathers each
+    decode's blocks (on the CPU a decode token costs some four prefill tokens; a model of tokens alone
+    put that in the fixed part)."""
 
     def __init__(self, window=64, min_steps=8, refit=8):
         super().__init__(5, window, min_steps, refit)
 
     def observe(self, work, seconds):
-        self.add((1, work.tokens, work.pairs, work.prefills, work.decodes), seconds)
+        # A long decode-only stretch would otherwise leave tokens and decodes inseparable just as a
+        # burst of prompts arrives.
+        self.add((1, work.tokens, work.pairs, work.prefills, work.decodes), seconds, kind=work.prefills > 0)
 
     def predict(self, tokens, pairs, decodes=0, prefills=0):
         return self.estimate((1, tokens, pairs, prefills, decodes))
@@ -46,6 +49,17 @@ class StepCost(LinearFit):
         """What adding this prefill work (of `prefills` sequences) to a step is predicted to cost, without
         the step's fixed part."""
         return self.predict(tokens, pairs, prefills=prefills) - self.predict(0, 0)
+
+    def prefill_seconds(self, seqs, step_tokens):
+        """What prefilling each of seqs' uncomputed tokens adds to steps of step_tokens tokens, with its
+        share of the steps' fixed cost. Asked for a whole queue every step: the formula written out."""
+        fixed, per_token, per_pair, per_prefill, _ = self.coefficients()
+        per_token += fixed / step_tokens
+        out = []
+        for seq in seqs:
+            n = seq.num_uncomputed
+            out.append(per_token * n + per_pair * (n * seq.num_computed + n * (n + 1) // 2) + per_prefill)
+        return out
 
     def max_decodes(self, contexts, seconds):
         """How many of these decodes, taken in order (each one token after its context), a step may run
