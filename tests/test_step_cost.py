@@ -34,6 +34,11 @@ def test_fit_recovers_a_linear_cost_and_predicts():
     assert fits(limit, 0) and not fits(limit + 1, 0)
     later = cost.max_prefill(8, 8000, 3000, 0.02, 1024)  # the same, 3000 tokens into a prompt
     assert later < limit and fits(later, 3000) and not fits(later + 1, 3000)
+    # Prompts of 10 tokens: every 10 tokens one more chunk, each 0.5 ms of its own.
+    chunks = lambda n: -(-n // 10)
+    fits_short = lambda n: truth(8 + n, 8000 + n * (n + 1) // 2, decodes=8, prefills=chunks(n)) <= 0.02
+    short = cost.max_prefill(8, 8000, 0, 0.02, 1024, [10] * 100)
+    assert short < limit and fits_short(short) and not fits_short(short + 1)
     contexts = [900, 40, 3000, 7, 1200, 500, 64, 2000] * 4
     count = cost.max_decodes(contexts, 0.006)  # decodes in order, each one token after its context
     assert 1 < count < len(contexts)

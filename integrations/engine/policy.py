@@ -158,7 +158,7 @@ class SLOPolicy:
         context = max((s.num_computed for s in running if s.num_uncomputed > 1 or s.first_token_time is None),
                       default=0)
         room = max(self.min_prefill, self.cost.max_prefill(len(decoders), decode_pairs, context, seconds,
-                                                           max_batched_tokens))
+                                                           max_batched_tokens, [s.num_uncomputed for s, _ in whole]))
         # Whole steps of prefill push past its target only a decode whose banked time cannot absorb them.
         prefill = whole[-1][1] if whole else 0.0
         harmed = sum(_time_left(s, now) - _tokens_left(s) * decode_seconds < prefill for s in protected)

@@ -1,6 +1,8 @@
 """What a step costs: its seconds predicted from the work it runs, fitted online over recent steps. The
 SLO policy asks it how many prefill tokens fit beside a step's decodes within a TPOT target, and
 preemption="auto" what prefilling a preempted request's tokens again would cost."""
+import bisect
+import itertools
 from typing import NamedTuple
 
 from .attention import is_decode
@@ -74,14 +76,17 @@ class StepCost(LinearFit):
             count += 1
         return count
 
-    def max_prefill(self, decodes, decode_pairs, context, seconds, limit):
+    def max_prefill(self, decodes, decode_pairs, context, seconds, limit, prompts=()):
         """The most prefill tokens (0..limit) a step with these decodes may add and still be predicted to
-        take at most `seconds`, priced as one chunk after `context` computed tokens (n*context +
-        n*(n+1)/2 pairs: the worst case for n tokens of prompts that far along)."""
+        take at most `seconds`, priced after `context` computed tokens (n*context + n*(n+1)/2 pairs: the
+        worst case for n tokens of prompts that far along) and as one chunk for each of `prompts` (their
+        token counts, in the order they would run) that n tokens reach into, at least one."""
+        starts = list(itertools.accumulate(prompts, initial=0))[:-1] or [0]
         lo, hi = 0, limit
         while lo < hi:  # the prediction grows with the prefill: bisect
             mid = (lo + hi + 1) // 2
             pairs = decode_pairs + mid * context + mid * (mid + 1) // 2
-            fits = self.predict(decodes + mid, pairs, decodes=decodes, prefills=1) <= seconds
+            chunks = bisect.bisect_left(starts, mid)
+            fits = self.predict(decodes + mid, pairs, decodes=decodes, prefills=chunks) <= seconds
             lo, hi = (mid, hi) if fits else (lo, mid - 1)
         return lo
