@@ -346,6 +346,18 @@ def test_unchunked_prompt_longer_than_the_slo_prefill_budget_runs(tiny_model):
     assert_pool_empty(llm)
 
 
+def test_the_cost_model_leaves_out_an_engines_first_step(tiny_model):
+    """The first step pays for what runs once; steps of its kind may be rare enough to keep it in the
+    model's window for long."""
+    llm = tiny_engine(tiny_model)
+    llm.add_request([3] * 8, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    llm.step()
+    assert not llm.cost.history(True) and not llm.cost.history(False)
+    llm.step()
+    assert len(llm.cost.history(False)) == 1  # the decode
+    llm.close()
+
+
 def test_a_policy_that_wants_no_prefill_gets_none_even_unchunked(tiny_model, monkeypatch):
     """The SLO policy asks for no prefill while decodes may finish first; with chunked prefill off the
     exemption of a step's first prefill from the budget must not override that."""

@@ -40,7 +40,8 @@ def budget(model):
 
 
 def seconds(work):
-    return FIXED + PER_TOKEN * work.tokens + PER_PAIR * work.pairs + PER_PREFILL * work.prefills + PER_DECODE * work.decodes
+    return (FIXED + PER_TOKEN * work.tokens + PER_PAIR * work.pairs + PER_PREFILL * work.prefills
+            + PER_DECODE * work.decodes)
 
 
 class Clock:
@@ -84,7 +85,8 @@ def serve(model, clock, mode, policy, requests, seed):
     while pending or llm.has_unfinished_requests():
         while pending and start + pending[0][0] <= clock.now:
             arrival, prompt, output, ttft, tpot = pending.pop(0)
-            llm.add_request([tokens.randrange(model.config.vocab_size) for _ in range(prompt)], SamplingParams(temperature=0, max_tokens=output, ignore_eos=True),
+            ids = [tokens.randrange(model.config.vocab_size) for _ in range(prompt)]
+            llm.add_request(ids, SamplingParams(temperature=0, max_tokens=output, ignore_eos=True),
                             ttft_slo=ttft, tpot_slo=tpot, arrival=start + arrival)
         if llm.has_unfinished_requests():
             clock.now += SCHEDULING
@@ -103,7 +105,8 @@ def attainments(model, clock, seed):
     lone = MAX_LEN // 6
     ttft = 10 * seconds(SimpleNamespace(tokens=lone, pairs=lone * (lone + 1) // 2, prefills=1, decodes=0))
     tpot = 3 * seconds(SimpleNamespace(tokens=1, pairs=lone + 1, prefills=0, decodes=1))
-    wall = serve(model, clock, "static", "fcfs", [(0.0, *length, None, None) for length in lengths], seed)["wall_seconds"]
+    all_at_once = [(0.0, *length, None, None) for length in lengths]
+    wall = serve(model, clock, "static", "fcfs", all_at_once, seed)["wall_seconds"]
     out = {}
     for load, gap in (("full", 8 * wall / 64), ("half", 16 * wall / 64)):
         requests = [(gap * (1 + i // 8) + rng.random() * 0.1 * gap, *length, ttft, tpot)

@@ -21,7 +21,9 @@ def test_step_work_counts_tokens_and_attention_pairs():
 def test_fit_recovers_a_linear_cost_and_predicts():
     cost = StepCost(min_steps=4)
     # 2 ms a step, 100 us a token, 0.2 us a pair, 0.5 ms a prefill chunk, 300 us more a decode
-    truth = lambda tokens, pairs, decodes=0, prefills=0: 0.002 + 1e-4 * tokens + 2e-7 * pairs + 5e-4 * prefills + 3e-4 * decodes
+    def truth(tokens, pairs, decodes=0, prefills=0):
+        return 0.002 + 1e-4 * tokens + 2e-7 * pairs + 5e-4 * prefills + 3e-4 * decodes
+
     for tokens, pairs, decodes, prefills in [(1, 50, 1, 0), (8, 900, 8, 0), (64, 3000, 0, 1), (200, 20000, 4, 2),
                                              (16, 100_000, 16, 0), (300, 45_000, 0, 3), (40, 800, 8, 1)]:
         cost.observe(StepWork(tokens, pairs, decodes, prefills), truth(tokens, pairs, decodes, prefills))
@@ -217,3 +219,17 @@ def test_a_preempted_request_prefilling_again_is_never_held_back():
     again = decoding(first_token_time=0.9, outputs=5)
     again.num_computed = 8  # its first chunk done, 17 tokens to go
     assert policy.prefill_tokens(512, [long_decode, again], [], now=1.0) > 0
+
+
+def test_the_room_is_priced_with_the_chunks_of_requests_prefilling_again():
+    """A request preempted after its first token prefills its 25 tokens again ahead of a fresh prompt:
+    the room beside the decodes pays for both chunks."""
+    policy = fitted_policy()
+    decode = decoding(first_token_time=1.0, outputs=1)
+    again = decoding(first_token_time=0.9, outputs=5)
+    again.num_computed = 0
+    priced = []
+    max_prefill = policy.cost.max_prefill
+    policy.cost.max_prefill = lambda *args: priced.append(args[5]) or max_prefill(*args)
+    policy.prefill_tokens(512, [decode, again], [request(300, ttft_slo=0.05, arrival=1.0)], now=1.0)
+    assert priced == [[25, 300]]

@@ -24,6 +24,8 @@ class LinearFit:
         return self._samples >= self.min_samples
 
     def history(self, kind=0):
+        """The window of one kind of observation (StepCost's: True for steps with prefill, False, which
+        is 0, for decode-only ones)."""
         return self.histories.get(kind, ())
 
     def add(self, features, seconds, kind=0):

@@ -247,7 +247,10 @@ class LLM:
         self.memory.end_step(self.blocks.high_water, idle=not self._requests)
         decoding = [seq for seq, n in chunks if n == 1 and seq.status is Status.RUNNING]
         # Swap copies are priced on their own (SwapSpace): the model of the step's work leaves them out.
-        self.cost.observe(work, model_end - start - (self.swap.out_seconds - swapped_out) - copies.stalled)
+        # An engine's first step also pays for what runs once (first mappings, lazy set-up), and with
+        # steps of its kind rare it could stay in the model's window for long: it is left out.
+        if self.metrics.steps:
+            self.cost.observe(work, model_end - start - (self.swap.out_seconds - swapped_out) - copies.stalled)
         self.scheduler.policy.observe(model_end - start, work, decoding, self.scheduler.waiting, model_end)
         end = time.perf_counter()
         self.metrics.record_step(

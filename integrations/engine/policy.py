@@ -157,8 +157,13 @@ class SLOPolicy:
         # Running prompts go first, each chunk after its computed tokens: price it at the longest context.
         context = max((s.num_computed for s in running if s.num_uncomputed > 1 or s.first_token_time is None),
                       default=0)
+        # A chunk's price for each prompt the room reaches into; requests preempted after their first
+        # token prefill again ahead of them.
+        chunks = [s.num_uncomputed for s in [*running, *waiting]
+                  if s.first_token_time is not None and s.num_uncomputed > 1]
+        chunks += [s.num_uncomputed for s, _ in whole]
         room = max(self.min_prefill, self.cost.max_prefill(len(decoders), decode_pairs, context, seconds,
-                                                           max_batched_tokens, [s.num_uncomputed for s, _ in whole]))
+                                                           max_batched_tokens, chunks))
         # Whole steps of prefill push past its target only a decode whose banked time cannot absorb them.
         prefill = whole[-1][1] if whole else 0.0
         harmed = sum(_time_left(s, now) - _tokens_left(s) * decode_seconds < prefill for s in protected)
