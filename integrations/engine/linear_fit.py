@@ -17,11 +17,11 @@ class LinearFit:
         self.histories = {}  # kind -> deque of (features, seconds)
         self.window, self.min_samples, self.refit = window, min_samples, refit
         self._xtx, self._xty = [[0.0] * num_features for _ in range(num_features)], [0.0] * num_features
-        self._coef, self._unfitted, self._samples = None, 0, 0
+        self._coef, self._unfitted = None, 0
 
     @property
     def ready(self):
-        return self._samples >= self.min_samples
+        return sum(map(len, self.histories.values())) >= self.min_samples
 
     def history(self, kind=0):
         """The window of one kind of observation (StepCost's: True for steps with prefill, False, which
@@ -34,7 +34,6 @@ class LinearFit:
         self._accumulate(*history[-1], 1.0)
         if len(history) > self.window:
             self._accumulate(*history.popleft(), -1.0)
-        self._samples = sum(map(len, self.histories.values()))
         self._unfitted += 1
 
     def _accumulate(self, x, seconds, sign):

@@ -3,6 +3,8 @@ how many may run, how much KV may be borrowed) and what it tells after (observe)
 import heapq
 from collections import deque
 
+from .step_cost import chunk_pairs
+
 
 class FCFSPolicy:
     """First come, first served; all the host budget may be borrowed."""
@@ -151,17 +153,17 @@ class SLOPolicy:
         fresh = fresh[:max(0, self.max_running(len(running) + len(fresh), running, fresh) - len(running))]
         whole = list(self._whole_steps([s for s in running if s.first_token_time is None] + fresh,
                                        max_batched_tokens))
-        if self._decodes_finish_first(decoders, whole, running, waiting, now):
+        # Requests preempted after their first token: their TPOT runs on while they wait or prefill again.
+        resuming = [s for s in waiting if s.first_token_time is not None]
+        resuming += [s for s in running if s.first_token_time is not None and s.num_uncomputed > 1]
+        if not resuming and self._decodes_finish_first(decoders, whole, now):
             return 0
         seconds = self.slack * min(_step_allowance(s, now) for s in protected)
         # Running prompts go first, each chunk after its computed tokens: price it at the longest context.
         context = max((s.num_computed for s in running if s.num_uncomputed > 1 or s.first_token_time is None),
                       default=0)
-        # A chunk's price for each prompt the room reaches into; requests preempted after their first
-        # token prefill again ahead of them.
-        chunks = [s.num_uncomputed for s in [*running, *waiting]
-                  if s.first_token_time is not None and s.num_uncomputed > 1]
-        chunks += [s.num_uncomputed for s, _ in whole]
+        # A chunk's price for each prompt the room reaches into, the resuming ones' ahead of the others.
+        chunks = [s.num_uncomputed for s in resuming if s.num_uncomputed > 1] + [s.num_uncomputed for s, _ in whole]
         room = max(self.min_prefill, self.cost.max_prefill(len(decoders), decode_pairs, context, seconds,
                                                            max_batched_tokens, chunks))
         # Whole steps of prefill push past its target only a decode whose banked time cannot absorb them.
@@ -171,15 +173,12 @@ class SLOPolicy:
             return max_batched_tokens
         return room
 
-    def _decodes_finish_first(self, decoders, whole, running, waiting, now):
+    def _decodes_finish_first(self, decoders, whole, now):
         """Whether the decodes running may all finish, in decode-only steps, before the prompts prefill in
         whole steps (`whole`: _whole_steps()) and still get their first tokens within `slack` of the time
         left to their TTFT deadlines. Every step a prefill rides along slows every decode in it, and a
         burst's prompts arrive while the first of them already decodes; prompts with time to spare can
         wait instead, and prefill beside none."""
-        if (any(s.first_token_time is not None for s in waiting)
-                or any(s.first_token_time is not None and s.num_uncomputed > 1 for s in running)):
-            return False  # preempted, waiting or prefilling again: their TPOT runs on while they wait
         waited = self._drain_seconds(decoders)
         return all(waited + seconds <= self.slack * (_due(seq) - now) for seq, seconds in whole)
 
@@ -203,7 +202,7 @@ class SLOPolicy:
         tokens, pairs = 0, 0
         for count, seq in enumerate(prompts, 1):
             n = seq.num_uncomputed
-            tokens, pairs = tokens + n, pairs + n * seq.num_computed + n * (n + 1) // 2
+            tokens, pairs = tokens + n, pairs + chunk_pairs(n, seq.num_computed)
             steps = -(-tokens // max_batched_tokens)
             yield seq, steps * self.cost.predict(0, 0) + self.cost.extra_seconds(tokens, pairs, prefills=count)
 

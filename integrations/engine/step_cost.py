@@ -16,11 +16,16 @@ class StepWork(NamedTuple):
     prefills: int = 0  # sequences running a prefill chunk
 
 
+def chunk_pairs(n, computed):
+    """Query-key pairs attention scores for n new tokens after `computed` ones: each sees those and
+    the new ones up to itself."""
+    return n * computed + n * (n + 1) // 2
+
+
 def step_work(chunks):
-    """The work of a step's (sequence, new tokens) chunks, before it runs (n new tokens after c computed
-    ones score n*c + n*(n+1)/2 pairs)."""
+    """The work of a step's (sequence, new tokens) chunks, before it runs."""
     tokens = sum(n for _, n in chunks)
-    pairs = sum(n * seq.num_computed + n * (n + 1) // 2 for seq, n in chunks)
+    pairs = sum(chunk_pairs(n, seq.num_computed) for seq, n in chunks)
     decodes = sum(is_decode(seq, n) for seq, n in chunks)
     return StepWork(tokens, pairs, decodes, len(chunks) - decodes)
 
@@ -60,7 +65,7 @@ class StepCost(LinearFit):
         out = []
         for seq in seqs:
             n = seq.num_uncomputed
-            out.append(per_token * n + per_pair * (n * seq.num_computed + n * (n + 1) // 2) + per_prefill)
+            out.append(per_token * n + per_pair * chunk_pairs(n, seq.num_computed) + per_prefill)
         return out
 
     def max_decodes(self, contexts, seconds):
@@ -78,14 +83,14 @@ class StepCost(LinearFit):
 
     def max_prefill(self, decodes, decode_pairs, context, seconds, limit, prompts=()):
         """The most prefill tokens (0..limit) a step with these decodes may add and still be predicted to
-        take at most `seconds`, priced after `context` computed tokens (n*context + n*(n+1)/2 pairs: the
-        worst case for n tokens of prompts that far along) and as one chunk for each of `prompts` (their
-        token counts, in the order they would run) that n tokens reach into, at least one."""
+        take at most `seconds`, priced after `context` computed tokens (the worst case for n tokens of
+        prompts that far along) and as one chunk for each of `prompts` (their token counts, in the
+        order they would run) that n tokens reach into, at least one."""
         starts = list(itertools.accumulate(prompts, initial=0))[:-1] or [0]
         lo, hi = 0, limit
         while lo < hi:  # the prediction grows with the prefill: bisect
             mid = (lo + hi + 1) // 2
-            pairs = decode_pairs + mid * context + mid * (mid + 1) // 2
+            pairs = decode_pairs + chunk_pairs(mid, context)
             chunks = bisect.bisect_left(starts, mid)
             fits = self.predict(decodes + mid, pairs, decodes=decodes, prefills=chunks) <= seconds
             lo, hi = (mid, hi) if fits else (lo, mid - 1)

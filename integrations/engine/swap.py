@@ -10,7 +10,7 @@ import torch
 
 from torch_ellm.errors import OutOfMemoryError
 from .linear_fit import LinearFit
-from .step_cost import StepCost
+from .step_cost import StepCost, chunk_pairs
 
 
 def _runs(blocks):
@@ -96,7 +96,7 @@ class SwapSpace:
         copies = self.copy_out.estimate((1, blocks * layer_bytes)) + self.copy_in.estimate((1, back * layer_bytes))
         k = min(shared_tokens, seq.num_computed)
         m = seq.num_computed - k
-        return copies < self.cost.extra_seconds(m, m * k + m * (m + 1) // 2)
+        return copies < self.cost.extra_seconds(m, chunk_pairs(m, k))
 
     def worth_swapping(self, seq, shared_tokens=0):
         """pays_off(), except that every EXPLORE-th preemption in a row it refuses swaps anyway."""
