@@ -17,7 +17,7 @@ def test_query_tiles_match_one_call(monkeypatch, n, ctx):
     q = torch.randn(n + 2, heads, head_dim, generator=g)  # two tokens before this prefill in the step
     layout = StepLayout(prefills=[(2, n, ctx, table)], decodes=[], slots=torch.empty(0, dtype=torch.long))
     whole = paged_attention(q, cache, layout, head_dim ** -0.5)[2:]
-    monkeypatch.setattr(attention, "causal_kernel_is_fused", lambda q: False)  # as for fp32 on CUDA
+    monkeypatch.setattr(attention, "kernel_is_fused", lambda q, masked: False)  # as for fp32 on CUDA
     for rows in (1, 3, 16):  # queries per tile
         monkeypatch.setattr(attention, "SCORE_LIMIT", rows * heads * ctx)
         tiled = paged_attention(q, cache, layout, head_dim ** -0.5)[2:]
@@ -85,3 +85,29 @@ def test_decodes_match_attention_written_out():
         scores = torch.einsum("hd,khd->hk", q[3 + row], k) * head_dim ** -0.5
         expected = torch.einsum("hk,khd->hd", scores.softmax(-1), v)
         torch.testing.assert_close(got[row], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_steps_take_the_fused_kernel(monkeypatch):
+    """Every SDPA call of a step (a whole prompt, a later chunk, decodes) gets inputs that SDPA's fused
+    CPU kernel takes: 3-D ones went to the math path, ten times slower for a 2K-token prompt."""
+    from torch.nn.attention import SDPBackend
+    from torch.nn import functional
+
+    chosen, sdpa = [], functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        # SDPA's own choice for these inputs (a private function, the one SDPA itself asks)
+        chosen.append(torch._fused_sdp_choice(*args, **{k: v for k, v in kwargs.items() if k != "scale"}))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "scaled_dot_product_attention", recording)
+    g = torch.Generator().manual_seed(3)
+    heads, kv_heads, head_dim, block_size = 4, 2, 8, 4
+    cache = torch.randn(16, 2, block_size, kv_heads, head_dim, generator=g)
+    tables = torch.arange(10).view(2, 5)
+    mask = torch.ones(1, 1, 1, 20, dtype=torch.bool)
+    q = torch.randn(40 + 17 + 1, heads, head_dim, generator=g)
+    layout = StepLayout(prefills=[(0, 40, 40, torch.arange(10)), (40, 17, 20, tables[0])],
+                        decodes=[(57, tables[1:], mask)], slots=torch.empty(0, dtype=torch.long))
+    paged_attention(q, cache, layout, head_dim ** -0.5)
+    assert chosen == [SDPBackend.FLASH_ATTENTION.value] * 3

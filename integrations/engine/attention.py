@@ -24,16 +24,16 @@ def step_backends():
     the caller left on."""
     return [b for b in BACKENDS if _ENABLED[b]()] or [SDPBackend.CUDNN_ATTENTION]
 
-# Score elements one prefill attention call may hold. Where SDPA falls back to its math path (a mask
-# with GQA on CUDA, or fp32 there) it builds the whole [heads, queries, keys] matrix: a 32K-token prefill
-# would need 128 GiB. Longer prefills run in query tiles under this bound (512 MiB of fp32 scores).
+# Score elements one prefill attention call may hold where SDPA takes its math path (on CUDA: a mask with
+# grouped-query attention, or fp32), which builds the whole [heads, queries, keys] matrix: a 32K-token
+# prefill would need 128 GiB. Such prefills run in query tiles under this bound (512 MiB of fp32 scores).
 SCORE_LIMIT = 1 << 27
 
 
-def causal_kernel_is_fused(q):
-    """Whether SDPA's is_causal path streams over keys for q: CUDA's flash kernel takes half precision
-    only; on the CPU every dtype goes to a fused kernel. A whole prompt then needs no query tiles."""
-    return q.device.type != "cuda" or q.dtype in (torch.float16, torch.bfloat16)
+def kernel_is_fused(q, masked):
+    """Whether SDPA takes a fused kernel, which streams over keys, for 4-D inputs of q's device and dtype:
+    on the CPU, every case; on CUDA, flash, which takes half precision and no mask but is_causal."""
+    return q.device.type != "cuda" or not masked and q.dtype in (torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -88,22 +88,24 @@ def paged_attention(q, cache, layout, scale):
     out = torch.empty_like(q)
     # K and V are gathered apart: each gather is then contiguous over its blocks' slots, so the views
     # below cost nothing (one gather of both would need a second copy to merge blocks and slots).
+    # Inputs are 4-D, [1, heads, tokens, head_dim]: SDPA's fused kernels take no other shape and would
+    # leave 3-D inputs to the math path (ten times slower for a 2K-token prompt on the CPU).
     for start, n, ctx, table in layout.prefills:
-        k, v = (cache[table, i].flatten(0, 1)[:ctx].transpose(0, 1) for i in (0, 1))  # [kv_heads, ctx, head_dim]
-        qs = q[start:start + n].transpose(0, 1)
-        tile = max(1, SCORE_LIMIT // (q.shape[1] * ctx))
-        if n == ctx and (n <= tile or causal_kernel_is_fused(q)):
+        k, v = (cache[table, i].flatten(0, 1)[:ctx].transpose(0, 1)[None] for i in (0, 1))  # [1, kv_heads, ctx, head_dim]
+        qs = q[start:start + n].transpose(0, 1)[None]
+        if n == ctx and kernel_is_fused(q, masked=False):
             out[start:start + n] = F.scaled_dot_product_attention(
-                qs, k, v, is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1)
+                qs, k, v, is_causal=True, scale=scale, enable_gqa=True)[0].transpose(0, 1)
             continue
+        tile = n if kernel_is_fused(q, masked=True) else max(1, SCORE_LIMIT // (q.shape[1] * ctx))
         for first in range(0, n, tile):  # query i sits at position ctx - n + i and sees keys up to it
             rows = min(tile, n - first)
             end = ctx - n + first + rows  # keys past the tile's last query are masked anyway: leave them out
             positions = torch.arange(end, device=q.device)
             mask = positions[None, :] <= positions[end - rows:, None]
-            o = F.scaled_dot_product_attention(qs[:, first:first + rows], k[:, :end], v[:, :end], attn_mask=mask,
-                                               scale=scale, enable_gqa=True)
-            out[start + first:start + first + rows] = o.transpose(0, 1)
+            o = F.scaled_dot_product_attention(qs[:, :, first:first + rows], k[:, :, :end], v[:, :, :end],
+                                               attn_mask=mask, scale=scale, enable_gqa=True)
+            out[start + first:start + first + rows] = o[0].transpose(0, 1)
     for start, tables, mask in layout.decodes:
         batch = tables.shape[0]
         k, v = (cache[tables, i].flatten(1, 2).transpose(1, 2) for i in (0, 1))  # [batch, kv_heads, keys, head_dim]
