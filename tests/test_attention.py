@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from torch_ellm.integrations.engine import attention
-from torch_ellm.integrations.engine.attention import StepLayout, paged_attention
+from torch_ellm.integrations.engine.attention import StepLayout, block_rows, paged_attention
 
 
 @pytest.mark.parametrize("n, ctx", [(40, 40), (17, 40), (1, 40), (40, 64)])
@@ -15,7 +15,7 @@ def test_query_tiles_match_one_call(monkeypatch, n, ctx):
     cache = torch.randn(blocks + 3, 2, block_size, kv_heads, head_dim, generator=g)
     table = torch.randperm(blocks + 3, generator=g)[:blocks]  # blocks anywhere in the cache, in any order
     q = torch.randn(n + 2, heads, head_dim, generator=g)  # two tokens before this prefill in the step
-    layout = StepLayout(prefills=[(2, n, ctx, table)], decodes=[], slots=torch.empty(0, dtype=torch.long))
+    layout = StepLayout(prefills=[(2, n, ctx, block_rows(table))], decodes=[], slots=torch.empty(0, dtype=torch.long))
     whole = paged_attention(q, cache, layout, head_dim ** -0.5)[2:]
     monkeypatch.setattr(attention, "kernel_is_fused", lambda q, masked: False)  # as for fp32 on CUDA
     for rows in (1, 3, 16):  # queries per tile
@@ -78,7 +78,7 @@ def test_decodes_match_attention_written_out():
     tables = torch.stack([torch.randperm(20, generator=g)[:width] for _ in contexts])
     mask = (torch.arange(width * block_size) < torch.tensor(contexts)[:, None]).view(len(contexts), 1, 1, -1)
     q = torch.randn(3 + len(contexts), heads, head_dim, generator=g)  # three prefill tokens before them
-    layout = StepLayout(prefills=[], decodes=[(3, tables, mask)], slots=torch.empty(0, dtype=torch.long))
+    layout = StepLayout(prefills=[], decodes=[(3, block_rows(tables.flatten()), mask)], slots=torch.empty(0, dtype=torch.long))
     got = paged_attention(q, cache, layout, head_dim ** -0.5)[3:]
     for row, ctx in enumerate(contexts):
         k, v = (cache[tables[row], i].flatten(0, 1)[:ctx].repeat_interleave(heads // kv_heads, dim=1) for i in (0, 1))
@@ -107,7 +107,7 @@ def test_cpu_steps_take_the_fused_kernel(monkeypatch):
     tables = torch.arange(10).view(2, 5)
     mask = torch.ones(1, 1, 1, 20, dtype=torch.bool)
     q = torch.randn(40 + 17 + 1, heads, head_dim, generator=g)
-    layout = StepLayout(prefills=[(0, 40, 40, torch.arange(10)), (40, 17, 20, tables[0])],
-                        decodes=[(57, tables[1:], mask)], slots=torch.empty(0, dtype=torch.long))
+    layout = StepLayout(prefills=[(0, 40, 40, block_rows(torch.arange(10))), (40, 17, 20, block_rows(tables[0]))],
+                        decodes=[(57, block_rows(tables[1]), mask)], slots=torch.empty(0, dtype=torch.long))
     paged_attention(q, cache, layout, head_dim ** -0.5)
     assert chosen == [SDPBackend.FLASH_ATTENTION.value] * 3
