@@ -29,6 +29,10 @@ def step_backends():
 # grouped-query attention, or fp32), which builds the whole [heads, queries, keys] matrix: a 32K-token
 # prefill would need 128 GiB. Such prefills run in query tiles under this bound (512 MiB of fp32 scores).
 SCORE_LIMIT = 1 << 27
+# Query rows per masked SDPA call where the kernel is fused (the CPU's). Masked, it computes every score
+# and then drops those masked out; a tile leaves out the keys past its last query, so smaller tiles waste
+# less: a 1,024-token chunk after 1,024 cached took 23 ms in tiles of 256 against 28 in one call.
+QUERY_TILE = 256
 
 
 def kernel_is_fused(q, masked):
@@ -106,7 +110,7 @@ def paged_attention(q, cache, layout, scale):
             out[start:start + n] = F.scaled_dot_product_attention(
                 qs, k, v, is_causal=True, scale=scale, enable_gqa=True)[0].transpose(0, 1)
             continue
-        tile = n if kernel_is_fused(q, masked=True) else max(1, SCORE_LIMIT // (q.shape[1] * ctx))
+        tile = QUERY_TILE if kernel_is_fused(q, masked=True) else max(1, SCORE_LIMIT // (q.shape[1] * ctx))
         for first in range(0, n, tile):  # query i sits at position ctx - n + i and sees keys up to it
             rows = min(tile, n - first)
             end = ctx - n + first + rows  # keys past the tile's last query are masked anyway: leave them out
