@@ -1,6 +1,7 @@
 """A cost model fitted online: seconds = coefficients . features, by least squares over the last
 `window` observations of each kind, every coefficient kept >= 0 (a feature that fits negative is
 dropped: more work never makes a device faster, whatever the noise says)."""
+import operator
 from collections import deque
 
 import numpy as np
@@ -49,7 +50,7 @@ class LinearFit:
         return self._coef
 
     def estimate(self, features):
-        return sum(c * x for c, x in zip(self.coefficients(), features))
+        return sum(map(operator.mul, self.coefficients(), features))
 
     def _fit(self):
         # Features differ in scale by orders of magnitude: solve in units of each one's largest value.

@@ -12,7 +12,7 @@ class FCFSPolicy:
     def order(self, waiting, running, now):
         return list(waiting)
 
-    def prefill_tokens(self, max_batched_tokens, running, waiting, now):
+    def prefill_tokens(self, max_batched_tokens, running, queue, now):
         return max_batched_tokens
 
     def max_running(self, max_num_seqs, running, candidates):
@@ -135,8 +135,9 @@ class SLOPolicy:
         return ([seq for i, seq in enumerate(judged) if i in keep] + rest,
                 [seq for i, seq in enumerate(judged) if i not in keep])
 
-    def prefill_tokens(self, max_batched_tokens, running, waiting, now):
-        """Prefill tokens the coming step may run beside the decodes of `running`: see the class docstring."""
+    def prefill_tokens(self, max_batched_tokens, running, queue, now):
+        """Prefill tokens the coming step may run beside the decodes of `running`, with `queue` the waiting
+        requests as order() ranks them (the scheduler's, asked once a step): see the class docstring."""
         if not self.cost.ready:
             return self.prefill_budget
         decoders = [s for s in running if s.first_token_time is not None and s.num_uncomputed == 1]
@@ -149,12 +150,12 @@ class SLOPolicy:
             return max_batched_tokens
         # A first token in time counts only for a prompt that can then decode within its target too: no
         # more than the cost model lets run beside those running.
-        fresh = [s for s in self.order(waiting, running, now) if s.first_token_time is None and _due(s) >= now]
+        fresh = [s for s in queue if s.first_token_time is None and _due(s) >= now]
         fresh = fresh[:max(0, self.max_running(len(running) + len(fresh), running, fresh) - len(running))]
         whole = list(self._whole_steps([s for s in running if s.first_token_time is None] + fresh,
                                        max_batched_tokens))
         # Requests preempted after their first token: their TPOT runs on while they wait or prefill again.
-        resuming = [s for s in waiting if s.first_token_time is not None]
+        resuming = [s for s in queue if s.first_token_time is not None]
         resuming += [s for s in running if s.first_token_time is not None and s.num_uncomputed > 1]
         if not resuming and self._decodes_finish_first(decoders, whole, now):
             return 0

@@ -124,8 +124,9 @@ class Scheduler:
         chunks, tokens, prefill_tokens, stuck = [], 0, 0, False
         preemptions = self.num_preemptions
         self.swapped_in, self._fitted, self._host_budget = [], None, self.memory.host_budget()
-        self._prefill_budget = self.policy.prefill_tokens(self.max_batched_tokens, self.running, self.waiting,
-                                                          time.perf_counter())
+        now = time.perf_counter()
+        queue = self.policy.order(self.waiting, self.running, now)
+        self._prefill_budget = self.policy.prefill_tokens(self.max_batched_tokens, self.running, queue, now)
         for seq in list(self.running):
             if seq.status is not Status.RUNNING:
                 continue  # preempted below to make room for an earlier request
@@ -152,7 +153,9 @@ class Scheduler:
         # No admissions in a step that preempted (as vLLM), unless nothing else runs: the request just
         # preempted would be readmitted into the room it left, and preempted again next step.
         admit = not stuck and (self.num_preemptions == preemptions or not chunks)
-        admit = self.policy.order(self.waiting, self.running, time.perf_counter()) if admit else []
+        if admit and self.num_preemptions != preemptions:  # the requests preempted joined the queue
+            queue = self.policy.order(self.waiting, self.running, time.perf_counter())
+        admit = queue if admit else []
         max_running = self.policy.max_running(self.max_num_seqs, self.running, admit)
         for seq in admit:
             if len(self.running) >= max_running:
