@@ -34,7 +34,7 @@ class StepCost(LinearFit):
     """seconds = fixed + per_token * tokens + per_pair * pairs + per_prefill * prefills + per_decode *
     decodes, fitted over the last `window` steps with prefill and the last `window` without. The costs
     per sequence are what tokens and pairs miss: attention runs once for each prefill and gathers each
-    decode's blocks (on the CPU a decode token costs some four prefill tokens; a model of tokens alone
+    decode's blocks (on the CPU a decode token costs some three to four prefill tokens; a model of tokens alone
     put that in the fixed part)."""
 
     def __init__(self, window=64, min_steps=8, refit=8):
