@@ -1,4 +1,6 @@
 """Paged attention's query tiles: a long prefill split under SCORE_LIMIT gives what one call gives."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -6,7 +8,7 @@ from torch_ellm.integrations.engine import attention
 from torch_ellm.integrations.engine.attention import StepLayout, block_rows, paged_attention
 
 
-@pytest.mark.parametrize("n, ctx", [(40, 40), (17, 40), (1, 40), (40, 64)])
+@pytest.mark.parametrize("n, ctx", [(40, 40), (17, 40), (1, 40), (40, 64), (600, 1000)])
 def test_query_tiles_match_one_call(monkeypatch, n, ctx):
     """n query tokens at the end of a ctx-token context (n == ctx: a whole prompt; fewer: a later chunk)."""
     g = torch.Generator().manual_seed(n * 1000 + ctx)
@@ -111,3 +113,29 @@ def test_cpu_steps_take_the_fused_kernel(monkeypatch):
                         decodes=[(57, block_rows(tables[1]), mask)], slots=torch.empty(0, dtype=torch.long))
     paged_attention(q, cache, layout, head_dim ** -0.5)
     assert chosen == [SDPBackend.FLASH_ATTENTION.value] * 3
+
+
+def test_fused_kernel_is_assumed_only_where_sdpa_takes_it(monkeypatch):
+    """Where it is not, a prompt runs in query tiles under SCORE_LIMIT: the math path would build its
+    whole score matrix (128 GiB for a 32K-token prompt)."""
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+
+    def gpu(dtype=torch.bfloat16, head_dim=128):
+        return SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype, shape=(1, 32, 7, head_dim))
+
+    assert attention.kernel_is_fused(gpu(), masked=False)
+    assert attention.kernel_is_fused(gpu(torch.float16, 64), masked=False)
+    assert not attention.kernel_is_fused(gpu(), masked=True)  # flash takes no mask
+    assert not attention.kernel_is_fused(gpu(torch.float32), masked=False)
+    assert not attention.kernel_is_fused(gpu(head_dim=100), masked=False)
+    assert not attention.kernel_is_fused(gpu(head_dim=512), masked=False)
+    capability[0] = (7, 5)
+    assert not attention.kernel_is_fused(gpu(), masked=False)
+    cpu = torch.empty(1, 8, 7, 16)
+    assert attention.kernel_is_fused(cpu, masked=True)
+    torch.backends.cuda.enable_flash_sdp(False)
+    try:
+        assert not attention.kernel_is_fused(cpu, masked=False)
+    finally:
+        torch.backends.cuda.enable_flash_sdp(True)

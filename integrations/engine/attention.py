@@ -36,9 +36,17 @@ QUERY_TILE = 256
 
 
 def kernel_is_fused(q, masked):
-    """Whether SDPA takes a fused kernel, which streams over keys, for 4-D inputs of q's device and dtype:
-    on the CPU, every case; on CUDA, flash, which takes half precision and no mask but is_causal."""
-    return q.device.type != "cuda" or not masked and q.dtype in (torch.float16, torch.bfloat16)
+    """Whether SDPA takes its flash kernel, which streams over keys, for 4-D inputs like q: on the CPU
+    in every case; on CUDA in half precision without a mask (is_causal instead), for head sizes that are
+    a multiple of 8 up to 256, on sm80 or later. Never where the caller turned flash off: SDPA's other
+    fused kernel takes no grouped-query attention, so the math path would build the whole matrix."""
+    if not torch.backends.cuda.flash_sdp_enabled():  # the switch covers the CPU's flash kernel too
+        return False
+    if q.device.type != "cuda":
+        return True
+    head_dim = q.shape[-1]
+    return (not masked and q.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256
+            and torch.cuda.get_device_capability(q.device) >= (8, 0))
 
 
 @dataclass

@@ -156,7 +156,7 @@ class Scheduler:
         if admit and self.num_preemptions != preemptions:  # the requests preempted joined the queue
             queue = self.policy.order(self.waiting, self.running, time.perf_counter())
         admit = queue if admit else []
-        max_running = self.policy.max_running(self.max_num_seqs, self.running, admit)
+        max_running = self.policy.max_running(self.max_num_seqs, self.running, admit) if admit else 0
         for seq in admit:
             if len(self.running) >= max_running:
                 break
