@@ -9,7 +9,8 @@ import numpy as np
 
 class LinearFit:
     """Ready after `min_samples` observations. The normal equations are kept as running sums, and the
-    solve is redone every `refit` observations: the device does not change faster than that. Each kind
+    solve is redone every `refit` observations, when they come: the device does not change faster than
+    that, and an answer that does not depend on when it is asked leaves callers free to skip asking. Each kind
     of observation keeps its own window, so that a long run of one kind (decode-only steps, say) cannot
     push out the others and leave features it never varies to an arbitrary split."""
 
@@ -36,6 +37,8 @@ class LinearFit:
         if len(history) > self.window:
             self._accumulate(*history.popleft(), -1.0)
         self._unfitted += 1
+        if self._unfitted >= self.refit and self.ready:
+            self._solve()
 
     def _accumulate(self, x, seconds, sign):
         # Plain floats: for a few features they are several times faster than numpy calls.
@@ -45,9 +48,12 @@ class LinearFit:
                 self._xtx[i][j] += sign * x[i] * x[j]
 
     def coefficients(self):
-        if self._coef is None or self._unfitted >= self.refit:
-            self._coef, self._unfitted = tuple(map(float, self._fit())), 0  # plain floats: numpy scalars are slow
+        if self._coef is None:
+            self._solve()
         return self._coef
+
+    def _solve(self):
+        self._coef, self._unfitted = tuple(map(float, self._fit())), 0  # plain floats: numpy scalars are slow
 
     def estimate(self, features):
         return sum(map(operator.mul, self.coefficients(), features))

@@ -141,6 +141,8 @@ class SLOPolicy:
         if not self.cost.ready:
             return self.prefill_budget
         decoders = [s for s in running if s.first_token_time is not None and s.num_uncomputed == 1]
+        if not queue and len(decoders) == len(running):  # nothing to prefill: most steps between bursts
+            return max_batched_tokens
         decode_pairs = sum(len(s) for s in decoders)  # one new token after len(s) - 1 computed
         decode_seconds = self.cost.decode_seconds(len(decoders), decode_pairs)
         # The rest cannot meet their targets even with no prefill.
