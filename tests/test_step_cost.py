@@ -65,6 +65,21 @@ def test_a_long_decode_only_stretch_keeps_the_prefill_costs():
     assert cost.decode_seconds(12, 3600) == pytest.approx(truth(StepWork(12, 3600, 12, 0)), rel=1e-3)
 
 
+def test_the_fit_does_not_depend_on_when_it_is_asked():
+    """Refits come every `refit` observations whether or not anyone asks between them: a caller that
+    skips asking for some steps (the policy, between bursts) must not move what the others are told."""
+    noisy = [(StepWork(t, t * 40, t % 5, 1 + t % 2), 1e-3 + 6e-5 * t + 1e-4 * (t % 7)) for t in range(8, 60, 3)]
+    asked, skipped = StepCost(), StepCost()
+    for i, (work, seconds) in enumerate(noisy):
+        asked.observe(work, seconds)
+        skipped.observe(work, seconds)
+        if asked.ready:
+            asked.coefficients()
+        if i == 12:
+            assert skipped.coefficients() == asked.coefficients()
+    assert skipped.coefficients() == asked.coefficients()
+
+
 def test_a_feature_that_fits_negative_is_dropped():
     cost = StepCost(min_steps=1)
     for tokens, pairs, seconds in [(10, 1000, 0.02), (20, 100, 0.03), (40, 50, 0.05), (5, 4000, 0.01)]:
