@@ -105,6 +105,20 @@ def test_greedy_matches_hf_across_preemption(smollm2, reference, preemption, hos
     assert_pool_empty(llm)
 
 
+@pytest.mark.parametrize("mode, budget", [("static", 64), ("elastic", 64), ("elastic", 6)])
+def test_prefill_first_runs_no_decode_beside_a_prefill_and_matches_hf(smollm2, reference, mode, budget):
+    """vLLM's scheduling without chunked prefill: a step that can prefill runs no decode. With 6 MiB the
+    decodes outgrow the device and are preempted by recompute."""
+    llm = smollm2_engine(smollm2, mode=mode, budget_bytes=budget * MB, prefill_first=True)
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in outs] == reference
+    steps = llm.metrics.steps
+    assert all(s["decode_batch"] == 0 for s in steps if s["tokens"] > s["decode_batch"])
+    assert max(s["decode_batch"] for s in steps) > 1  # the decodes waited, then ran together
+    assert (llm.metrics.summary()["preemptions"] > 0) == (budget == 6)
+    assert_pool_empty(llm)
+
+
 def small_llama(max_position_embeddings=128):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -50,7 +50,10 @@ class LLM:
     another engine's .profile for the same model, max_model_len and max_num_batched_tokens, to skip
     the start-up measurement. enable_prefix_caching: a request whose prompt starts with full blocks
     that an earlier request computed reuses their K/V (prefill runs only the rest); a block outlives
-    its requests until its memory is needed or unmapped (elastic mode unmaps all KV when idle).
+    its requests until its memory is needed or unmapped (elastic mode unmaps all KV when idle). prefill_first:
+    a step that can prefill runs no decode (vLLM's scheduling without chunked prefill): the decodes wait
+    and then run in one batch, which costs their latency and, on a device whose decode steps are bound by
+    reading the weights, raises decode throughput.
 
     pool: a torch_ellm Pool to draw KV (and activation) memory from, shared with whatever else lives
     in it; its budgets and chunk size stand (budget_bytes, host_budget_bytes and chunk_bytes must then be
@@ -61,7 +64,8 @@ class LLM:
 
     def __init__(self, model, tokenizer=None, mode="elastic", budget_bytes=None, host_budget_bytes=0, *,
                  policy="fcfs", preemption="recompute", block_size=16, max_num_seqs=64,
-                 max_num_batched_tokens=512, max_model_len=None, chunked_prefill=True, chunk_bytes=None,
+                 max_num_batched_tokens=512, max_model_len=None, chunked_prefill=True, prefill_first=False,
+                 chunk_bytes=None,
                  activation_profile=None, enable_prefix_caching=True, pool=None, activations_in_pool=None):
         if isinstance(model, str):
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -120,7 +124,7 @@ class LLM:
         chosen = FCFSPolicy() if policy == "fcfs" else SLOPolicy(self.cost, self.pool.host_budget_bytes,
                                                                   max_num_batched_tokens, max_num_seqs, block_size)
         self.scheduler = Scheduler(self.blocks, self.memory, chosen, max_num_seqs, max_num_batched_tokens,
-                                   chunked_prefill, preemption, self.swap)
+                                   chunked_prefill, preemption, self.swap, prefill_first)
         self.metrics = RunMetrics()
         self._requests = {}  # unfinished: id -> Sequence
         self._ids = itertools.count()

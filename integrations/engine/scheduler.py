@@ -4,7 +4,8 @@ needs before it runs; when they do not fit, the latest running request is preemp
 copied to host memory within the policy's allowance, its blocks freed, and the K/V copied back when it
 runs again; recompute where there is no room), by whichever of the two is predicted cheaper for the
 request (preemption="auto"), or, with preemption="borrow", first by letting the KV cache borrow host
-memory within the policy's allowance."""
+memory within the policy's allowance. With prefill_first, as vLLM's scheduler without chunked prefill,
+a step that can prefill runs no decode: decodes wait until no prompt can run, then go in one batch."""
 import time
 from collections import deque
 
@@ -14,10 +15,10 @@ from .sequence import Status
 
 class Scheduler:
     def __init__(self, block_manager, memory, policy, max_num_seqs, max_batched_tokens, chunked_prefill,
-                 preemption, swap):
+                 preemption, swap, prefill_first=False):
         self.blocks, self.memory, self.policy, self.swap = block_manager, memory, policy, swap
         self.max_num_seqs, self.max_batched_tokens = max_num_seqs, max_batched_tokens
-        self.chunked_prefill, self.preemption = chunked_prefill, preemption
+        self.chunked_prefill, self.preemption, self.prefill_first = chunked_prefill, preemption, prefill_first
         self.waiting, self.running = deque(), []
         self.num_preemptions = 0
         self.swapped_in = []  # this step's admissions whose K/V come back: (seq, leading blocks it found cached)
@@ -121,38 +122,17 @@ class Scheduler:
 
     def schedule(self):
         """The step's (sequence, new tokens) pairs, prefills first; [] when nothing can run."""
-        chunks, tokens, prefill_tokens, stuck = [], 0, 0, False
-        preemptions = self.num_preemptions
+        chunks, preemptions = [], self.num_preemptions
         self.swapped_in, self._fitted, self._host_budget = [], None, self.memory.host_budget()
         now = time.perf_counter()
         queue = self.policy.order(self.waiting, self.running, now)
         self._prefill_budget = self.policy.prefill_tokens(self.max_batched_tokens, self.running, queue, now)
-        for seq in list(self.running):
-            if seq.status is not Status.RUNNING:
-                continue  # preempted below to make room for an earlier request
-            n = self._chunk(seq, tokens, prefill_tokens)
-            if n == 0:
-                continue
-            while not (taken := self._take(seq, n, tokens)):
-                if self.running == [seq]:
-                    # Alone and no room. Preempted and admitted again, it may fit in other blocks; but if
-                    # it was here before at this length (another tenant grew), it would loop for ever:
-                    # it waits with its KV kept, no one is admitted into its room, and step() says why.
-                    stuck = seq.lone_preemption_at == len(seq)
-                    if stuck:
-                        break
-                    seq.lone_preemption_at = len(seq)
-                self._preempt(self.running[-1])
-                if seq.status is not Status.RUNNING:
-                    break
-            else:
-                n = taken
-                chunks.append((seq, n))
-                tokens += n
-                prefill_tokens += 0 if is_decode(seq, n) else n
+        stuck = self._continue(chunks, decodes=not self.prefill_first)
+        tokens, prefill_tokens = self._tokens(chunks)
         # No admissions in a step that preempted (as vLLM), unless nothing else runs: the request just
         # preempted would be readmitted into the room it left, and preempted again next step.
-        admit = not stuck and (self.num_preemptions == preemptions or not chunks)
+        idle = not chunks and not (self.prefill_first and self.running)
+        admit = not stuck and (self.num_preemptions == preemptions or idle)
         if admit and self.num_preemptions != preemptions:  # the requests preempted joined the queue
             queue = self.policy.order(self.waiting, self.running, time.perf_counter())
         admit = queue if admit else []
@@ -174,8 +154,45 @@ class Scheduler:
             chunks.append((seq, n))
             tokens += n
             prefill_tokens += n
+        if self.prefill_first and not chunks and not stuck:  # no prefill to run: the decodes, in one batch
+            self._continue(chunks, decodes=True)
         chunks.sort(key=lambda c: is_decode(*c))
         return chunks
+
+    @staticmethod
+    def _tokens(chunks):
+        """(new tokens, prefill tokens) of a step's chunks so far."""
+        tokens = sum(n for _, n in chunks)
+        return tokens, tokens - sum(is_decode(seq, n) for seq, n in chunks)
+
+    def _continue(self, chunks, decodes):
+        """Append to chunks the running requests' next tokens (their decodes only if `decodes`), preempting
+        the latest to make room where they do not fit. Returns whether a request alone is stuck."""
+        tokens, prefill_tokens = self._tokens(chunks)
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING:
+                continue  # preempted below to make room for an earlier request
+            if not decodes and seq.num_uncomputed == 1 and seq.num_computed > 0:
+                continue
+            n = self._chunk(seq, tokens, prefill_tokens)
+            if n == 0:
+                continue
+            while not (taken := self._take(seq, n, tokens)):
+                if self.running == [seq]:
+                    # Alone and no room. Preempted and admitted again, it may fit in other blocks; but if
+                    # it was here before at this length (another tenant grew), it would loop for ever:
+                    # it waits with its KV kept, no one is admitted into its room, and step() says why.
+                    if seq.lone_preemption_at == len(seq):
+                        return True
+                    seq.lone_preemption_at = len(seq)
+                self._preempt(self.running[-1])
+                if seq.status is not Status.RUNNING:
+                    break
+            else:
+                chunks.append((seq, taken))
+                tokens += taken
+                prefill_tokens += 0 if is_decode(seq, taken) else taken
+        return False
 
     def _admit(self, seq, tokens, prefill_tokens):
         """Blocks for waiting seq's first chunk in a step that has `tokens` so far: (tokens it runs, tokens
