@@ -105,17 +105,25 @@ def test_greedy_matches_hf_across_preemption(smollm2, reference, preemption, hos
     assert_pool_empty(llm)
 
 
-@pytest.mark.parametrize("mode, budget", [("static", 64), ("elastic", 64), ("elastic", 6)])
-def test_prefill_first_runs_no_decode_beside_a_prefill_and_matches_hf(smollm2, reference, mode, budget):
-    """vLLM's scheduling without chunked prefill: a step that can prefill runs no decode. With 6 MiB the
-    decodes outgrow the device and are preempted by recompute."""
-    llm = smollm2_engine(smollm2, mode=mode, budget_bytes=budget * MB, prefill_first=True)
+@pytest.mark.parametrize("mode, budget, preemption", [("static", 64, "recompute"), ("elastic", 64, "recompute"),
+                                                      ("elastic", 6, "recompute"), ("elastic", 6, "swap")])
+def test_prefill_first_runs_no_decode_beside_a_prefill_and_matches_hf(smollm2, reference, mode, budget, preemption):
+    """vLLM's scheduling without chunked prefill: a step that can prefill runs no decode, not even of a
+    request back from swap. With 6 MiB the decodes outgrow the device and are preempted."""
+    pool = Pool("host", budget_bytes=budget * MB, host_budget_bytes=32 * MB, chunk_bytes=64 << 10)
+    llm = smollm2_engine(smollm2, mode=mode, pool=pool, preemption=preemption, prefill_first=True)
     outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert [o.token_ids for o in outs] == reference
     steps = llm.metrics.steps
     assert all(s["decode_batch"] == 0 for s in steps if s["tokens"] > s["decode_batch"])
     assert max(s["decode_batch"] for s in steps) > 1  # the decodes waited, then ran together
-    assert (llm.metrics.summary()["preemptions"] > 0) == (budget == 6)
+    summary = llm.metrics.summary()
+    assert (summary["preemptions"] > 0) == (budget == 6) and (summary["swap_ins"] > 0) == (preemption == "swap")
+    # The same engine without prefill_first mixes them: the assertion above tells the two apart.
+    default = smollm2_engine(smollm2, mode=mode, budget_bytes=64 * MB)
+    default.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert any(s["decode_batch"] and s["tokens"] > s["decode_batch"] for s in default.metrics.steps)
+    default.close()
     assert_pool_empty(llm)
 
 
@@ -649,3 +657,40 @@ def test_kv_shrink_refused_halfway_zeroes_the_chunks_it_maps_again():
     for other in tenants:
         other.release()
     kv.release()
+
+
+@pytest.mark.parametrize("seed", [14, 51, 61])
+def test_prefill_first_brings_swapped_requests_back_in_decode_steps(tiny_model, seed):
+    """Random loads that preempt by swapping (cases a fuzz found): a request back from swap with all but
+    its last token decodes in a decode step, never beside a prompt's prefill, and every output is what
+    the default scheduling gives."""
+    outputs = {}
+    for prefill_first in (False, True):
+        rng = random.Random(seed)
+        llm = tiny_engine(tiny_model, preemption="swap", block_size=rng.choice([2, 4]), budget_bytes=256 << 10,
+                          host_budget_bytes=512 << 10, prefill_first=prefill_first)
+        arrivals = sorted((rng.randint(0, 20), [rng.randrange(128) for _ in range(rng.randint(1, 60))],
+                           rng.randint(1, 40)) for _ in range(rng.randint(10, 30)))
+        mixed, ids, step = [], [], 0
+        schedule = llm.scheduler.schedule
+
+        def checked():
+            chunks = schedule()
+            # A chunk of one token, a prompt's last or all that fits, runs as a decode does: not a prefill here.
+            if any(n > 1 for _, n in chunks):
+                mixed.extend(seq for seq, n in chunks if seq.output_token_ids and seq.num_uncomputed == 1)
+            return chunks
+
+        llm.scheduler.schedule = checked
+        while arrivals or llm.has_unfinished_requests():
+            while arrivals and arrivals[0][0] <= step:
+                _, prompt, max_tokens = arrivals.pop(0)
+                ids.append(llm.add_request(prompt, SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                                  ignore_eos=True)))
+            for out in llm.step():
+                outputs.setdefault(prefill_first, {})[out.request_id] = out.token_ids
+            step += 1
+        assert llm.metrics.summary()["swap_ins"] > 0
+        assert not mixed or not prefill_first
+        llm.close()
+    assert outputs[True] == outputs[False]

@@ -121,17 +121,19 @@ def test_borrowing_with_activations_in_pool_moves_kv_before_the_step_grows_it():
     assert outputs[True] == outputs[False] and len(outputs[True][0]) == 32
 
 
-def test_a_request_crowded_out_while_running_alone_waits_instead_of_preempting_itself_for_ever():
+@pytest.mark.parametrize("prefill_first", [False, True])
+def test_a_request_crowded_out_while_running_alone_waits_instead_of_preempting_itself_for_ever(prefill_first):
     """A tenant grows while one request decodes; its next block no longer fits even alone. It preempts
     itself once; prefilling again it gets stuck at the same length, where doing so again would loop for
-    ever: step() raises, and once the tenant shrinks the request goes on from where it was."""
+    ever: step() raises, and once the tenant shrinks the request goes on from where it was. Prefilling
+    first, the decode pass that preempted it readmits it in the same step, as the default one does."""
     model, chunk = small_llama(512), 64 << 10
     prompt, params = [i % 128 for i in range(95)], SamplingParams(max_tokens=165, ignore_eos=True, temperature=0)
     outputs = []
     for crowd in (False, True):
         pool = torch_ellm.Pool("host", budget_bytes=5 * chunk, host_budget_bytes=23 * chunk, chunk_bytes=chunk)
         llm = LLM(model, pool=pool, mode="elastic", preemption="borrow", activations_in_pool=True, block_size=16,
-                  max_num_batched_tokens=128, max_model_len=512)
+                  max_num_batched_tokens=128, max_model_len=512, prefill_first=prefill_first)
         request_id = llm.add_request(prompt, params)
         tenant = pool.virtual_tensor(chunk, tag="other")
         tokens, steps = [], 0

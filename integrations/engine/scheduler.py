@@ -121,22 +121,51 @@ class Scheduler:
         return n if n == seq.num_uncomputed or self._may_chunk(seq) else 0
 
     def schedule(self):
-        """The step's (sequence, new tokens) pairs, prefills first; [] when nothing can run."""
+        """The step's (sequence, new tokens) pairs, prefills first; [] when nothing can run. With
+        prefill_first a first pass schedules prefills only, and admits beside them only after the running
+        decodes' next blocks are held (a prompt admitted into their room would be preempted at once); a
+        step that finds no prefill so is scheduled as by default, and then holds decodes."""
         chunks, preemptions = [], self.num_preemptions
         self.swapped_in, self._fitted, self._host_budget = [], None, self.memory.host_budget()
         now = time.perf_counter()
         queue = self.policy.order(self.waiting, self.running, now)
         self._prefill_budget = self.policy.prefill_tokens(self.max_batched_tokens, self.running, queue, now)
-        stuck = self._continue(chunks, decodes=not self.prefill_first)
-        tokens, prefill_tokens = self._tokens(chunks)
-        # No admissions in a step that preempted (as vLLM), unless nothing else runs: the request just
-        # preempted would be readmitted into the room it left, and preempted again next step.
-        idle = not chunks and not (self.prefill_first and self.running)
-        admit = not stuck and (self.num_preemptions == preemptions or idle)
-        if admit and self.num_preemptions != preemptions:  # the requests preempted joined the queue
+        if self.prefill_first:
+            stuck = self._continue(chunks, decodes=False)
+            if self._hold_decode_blocks(chunks):
+                self._admit_queue(chunks, queue, preemptions, stuck, idle=not chunks and not self.running,
+                                  decodes=False)
+            if stuck or any(not is_decode(*c) for c in chunks):
+                return sorted(chunks, key=lambda c: is_decode(*c))
+        stuck = self._continue(chunks, decodes=True)
+        self._admit_queue(chunks, queue, preemptions, stuck, idle=not chunks, decodes=True)
+        return sorted(chunks, key=lambda c: is_decode(*c))
+
+    def _hold_decode_blocks(self, chunks):
+        """prefill_first: give the running decodes the blocks of their next tokens now. False if they do
+        not all fit beside the step so far: then no prompt is admitted into their room."""
+        tokens = sum(n for _, n in chunks)
+        return all(self._try_take(seq, 1, tokens, False) for seq in self.running
+                   if seq.status is Status.RUNNING and is_decode(seq, seq.num_uncomputed))
+
+    def _decodes_when_admitted(self, seq):
+        """Whether seq's first step when admitted is a decode: swapped out with all but its last token."""
+        return self.swap.holds(seq) and self.swap.num_computed(seq) == len(seq) - 1
+
+    def _admit_queue(self, chunks, queue, preemptions, stuck, idle, decodes):
+        """Admit waiting requests in the policy's order (queue) while they fit, appending their first
+        chunks; with `decodes` False, not those back from swap to decode (one whose prefix cache covers all
+        but its last token is not known until admitted, and may decode beside prefills). None in a step
+        that preempted (as vLLM), unless it is idle (nothing else runs): the request just preempted would
+        be readmitted into the room it left, and preempted again next step."""
+        if stuck or self.num_preemptions != preemptions and not idle:
+            return
+        if self.num_preemptions != preemptions:  # the requests preempted joined the queue
             queue = self.policy.order(self.waiting, self.running, time.perf_counter())
-        admit = queue if admit else []
+        admit = [seq for seq in queue if seq.status is Status.WAITING  # a first pass may have taken some
+                 and (decodes or not self._decodes_when_admitted(seq))]
         max_running = self.policy.max_running(self.max_num_seqs, self.running, admit) if admit else 0
+        tokens, prefill_tokens = self._tokens(chunks)
         for seq in admit:
             if len(self.running) >= max_running:
                 break
@@ -154,10 +183,6 @@ class Scheduler:
             chunks.append((seq, n))
             tokens += n
             prefill_tokens += n
-        if self.prefill_first and not chunks and not stuck:  # no prefill to run: the decodes, in one batch
-            self._continue(chunks, decodes=True)
-        chunks.sort(key=lambda c: is_decode(*c))
-        return chunks
 
     @staticmethod
     def _tokens(chunks):
@@ -169,10 +194,11 @@ class Scheduler:
         """Append to chunks the running requests' next tokens (their decodes only if `decodes`), preempting
         the latest to make room where they do not fit. Returns whether a request alone is stuck."""
         tokens, prefill_tokens = self._tokens(chunks)
+        scheduled = {id(seq) for seq, _ in chunks}  # in a first pass, or admitted in it
         for seq in list(self.running):
             if seq.status is not Status.RUNNING:
                 continue  # preempted below to make room for an earlier request
-            if not decodes and seq.num_uncomputed == 1 and seq.num_computed > 0:
+            if id(seq) in scheduled or not decodes and is_decode(seq, seq.num_uncomputed):
                 continue
             n = self._chunk(seq, tokens, prefill_tokens)
             if n == 0:
