@@ -114,7 +114,7 @@ class Scheduler:
         room = self.max_batched_tokens - tokens
         # A prefill: the policy limits those, but not a step's first where prefills cannot be chunked
         # (a prompt longer than the policy's budget would never run), unless the policy wants none.
-        if not (seq.num_uncomputed == 1 and seq.num_computed > 0) and (
+        if not is_decode(seq, seq.num_uncomputed) and (
                 self.chunked_prefill or prefill_tokens or not self._prefill_budget):
             room = min(room, self._prefill_budget - prefill_tokens)
         n = max(0, min(seq.num_uncomputed, room))
@@ -144,7 +144,7 @@ class Scheduler:
     def _hold_decode_blocks(self, chunks):
         """prefill_first: give the running decodes the blocks of their next tokens now. False if they do
         not all fit beside the step so far: then no prompt is admitted into their room."""
-        tokens = sum(n for _, n in chunks)
+        tokens, _ = self._tokens(chunks)
         return all(self._try_take(seq, 1, tokens, False) for seq in self.running
                    if seq.status is Status.RUNNING and is_decode(seq, seq.num_uncomputed))
 
