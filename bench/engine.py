@@ -313,7 +313,7 @@ def print_ratio_lines(name, rows, suffix):
               f"max batch x{ratio('max_batch'):.2f} [3]  max decode batch x{ratio('max_decode_batch'):.2f}  "
               f"goodput x{ratio('goodput_rps'):.2f} [2.5]  "
               f"attainment {r['slo_attainment']:.2f} vs {base['slo_attainment']:.2f}{spread(r, base)}  "
-              f"overhead {r['overhead_pct']:.1f}% [<5]")
+              f"overhead {r['overhead_pct']:.1f}% [<5] (memory {r['memory_overhead_pct']:.1f}%)")
 
 
 def spread(row, base):

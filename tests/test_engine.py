@@ -1,4 +1,5 @@
 """The paged-KV engine: outputs match Hugging Face generate, memory comes back, bad requests are refused."""
+import time
 import random
 from types import SimpleNamespace
 
@@ -331,7 +332,7 @@ def test_kv_tail_shrinks_for_a_prefill_between_steps(tiny_model):
 def test_summary_counts_decode_throughput_and_the_prefill_riding_along():
     metrics = RunMetrics()
     row = dict(kv_bytes=0, activation_bytes=0, device_bytes=0, borrowed_bytes=0, swapped_bytes=0, swap_ins=0,
-               swap_wait_seconds=0.0, overhead_seconds=0.0)
+               swap_wait_seconds=0.0, overhead_seconds=0.0, memory_seconds=0.0)
     # a prefill alone (1 s), a prefill chunk with 4 decodes (3 s), then 4 decodes alone (1 s)
     for start, seconds, tokens, decodes in ((0, 1, 100, 0), (1, 3, 104, 4), (4, 1, 4, 4)):
         metrics.record_step(start=start, end=start + seconds, model_seconds=seconds, batch=decodes + (tokens > decodes),
@@ -339,6 +340,23 @@ def test_summary_counts_decode_throughput_and_the_prefill_riding_along():
     summary = metrics.summary()
     assert summary["decode_tokens_per_s"] == 8 / 4
     assert summary["decode_time_with_prefill_pct"] == 75.0
+
+
+def test_memory_operations_are_counted_as_overhead(tiny_model):
+    """A step's begin_step and end_step (mapping and unmapping) are engine overhead, reported apart as
+    memory_seconds, and not model time."""
+    llm = tiny_engine(tiny_model, mode="elastic")
+    for name in ("begin_step", "end_step"):
+        def slow(*args, _f=getattr(llm.memory, name), **kwargs):
+            time.sleep(0.02)
+            return _f(*args, **kwargs)
+        setattr(llm.memory, name, slow)
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)
+    for step in llm.metrics.steps:
+        assert step["memory_seconds"] >= 0.04
+        assert step["overhead_seconds"] >= step["memory_seconds"]
+    summary = llm.metrics.summary()
+    assert 0 < summary["memory_overhead_pct"] <= summary["overhead_pct"]
 
 
 def test_unchunked_recompute_longer_than_a_step_still_runs(tiny_model):

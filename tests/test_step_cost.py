@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from torch_ellm.integrations.engine.linear_fit import LinearFit
 from torch_ellm.integrations.engine.sampling_params import SamplingParams
 from torch_ellm.integrations.engine.policy import SLOPolicy
 from torch_ellm.integrations.engine.sequence import Sequence
@@ -80,12 +81,26 @@ def test_the_fit_does_not_depend_on_when_it_is_asked():
     assert skipped.coefficients() == asked.coefficients()
 
 
+def test_a_fit_no_one_asks_is_never_solved(monkeypatch):
+    """FCFS asks nothing of the cost model: its steps pay for the running sums, not for solves."""
+    solves = []
+    fit = LinearFit._fit
+    monkeypatch.setattr(LinearFit, "_fit", lambda self, *sums: solves.append(1) or fit(self, *sums))
+    cost = StepCost()
+    for t in range(100):
+        cost.observe(StepWork(t, t * 40, t % 5, 1 + t % 2), 1e-3 + 6e-5 * t)
+    assert solves == []
+    cost.coefficients()
+    cost.coefficients()
+    assert solves == [1]
+
+
 def test_a_feature_that_fits_negative_is_dropped():
-    cost = StepCost(min_steps=1)
+    cost = StepCost(min_steps=1, refit=1)
     for tokens, pairs, seconds in [(10, 1000, 0.02), (20, 100, 0.03), (40, 50, 0.05), (5, 4000, 0.01)]:
         cost.observe(StepWork(tokens, pairs, 0), seconds)  # more pairs, less time: noise the model must not believe
-    coef = cost._fit()
-    assert (coef >= 0).all() and coef[2] == 0
+    coef = cost.coefficients()
+    assert min(coef) >= 0 and coef[2] == 0
     assert cost.max_prefill(0, 0, 0, 10.0, 512) == 512  # everything fits a generous step
 
 

@@ -149,10 +149,14 @@ class Pool:
         return HostBuffer(self._pool.host_buffer(parse_bytes(nbytes, "nbytes"), _check_tag(tag), bool(optional)))
 
     def stats(self):
-        """Counters as a flat dict of ints, plus bytes_by_tag: {tag: {device_bytes, host_bytes}}."""
+        """Counters as a flat dict of ints, plus bytes_by_tag()."""
         s = {k: int(v) for k, v in self._pool.stats().items()}
-        s["bytes_by_tag"] = {t: {k: int(v) for k, v in d.items()} for t, d in self._pool.stats_by_tag().items()}
+        s["bytes_by_tag"] = self.bytes_by_tag()
         return s
+
+    def bytes_by_tag(self):
+        """{tag: {'device_bytes': int, 'host_bytes': int}}: what each tag's virtual tensors map now."""
+        return {t: {k: int(v) for k, v in d.items()} for t, d in self._pool.stats_by_tag().items()}
 
     def trim(self):
         """Give cached free chunks back to the backend; returns the bytes released."""

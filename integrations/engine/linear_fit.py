@@ -8,9 +8,10 @@ import numpy as np
 
 
 class LinearFit:
-    """Ready after `min_samples` observations. The normal equations are kept as running sums, and the
-    solve is redone every `refit` observations, when they come: the device does not change faster than
-    that, and an answer that does not depend on when it is asked leaves callers free to skip asking. Each kind
+    """Ready after `min_samples` observations. The normal equations are kept as running sums, and every
+    `refit` observations the fit moves to the sums as they are then: the device does not change faster
+    than that, and an answer that does not depend on when it is asked leaves callers free to skip
+    asking. The solve waits for the first question, so a fit no one asks costs only the sums. Each kind
     of observation keeps its own window, so that a long run of one kind (decode-only steps, say) cannot
     push out the others and leave features it never varies to an arbitrary split."""
 
@@ -20,6 +21,7 @@ class LinearFit:
         self.window, self.min_samples, self.refit = window, min_samples, refit
         self._xtx, self._xty = [[0.0] * num_features for _ in range(num_features)], [0.0] * num_features
         self._coef, self._unfitted = None, 0
+        self._fitted_sums = None  # (xtx, xty) as of the last refit, what coefficients() solves
 
     @property
     def ready(self):
@@ -38,7 +40,8 @@ class LinearFit:
             self._accumulate(*history.popleft(), -1.0)
         self._unfitted += 1
         if self._unfitted >= self.refit and self.ready:
-            self._solve()
+            self._fitted_sums = ([row[:] for row in self._xtx], self._xty[:])
+            self._coef, self._unfitted = None, 0
 
     def _accumulate(self, x, seconds, sign):
         # Plain floats: for a few features they are several times faster than numpy calls.
@@ -48,19 +51,16 @@ class LinearFit:
                 self._xtx[i][j] += sign * x[i] * x[j]
 
     def coefficients(self):
-        if self._coef is None:
-            self._solve()
+        if self._coef is None:  # plain floats: numpy scalars are slow
+            self._coef = tuple(map(float, self._fit(*(self._fitted_sums or (self._xtx, self._xty)))))
         return self._coef
-
-    def _solve(self):
-        self._coef, self._unfitted = tuple(map(float, self._fit())), 0  # plain floats: numpy scalars are slow
 
     def estimate(self, features):
         return sum(map(operator.mul, self.coefficients(), features))
 
-    def _fit(self):
+    def _fit(self, xtx, xty):
         # Features differ in scale by orders of magnitude: solve in units of each one's largest value.
-        xtx, xty = np.array(self._xtx), np.array(self._xty)
+        xtx, xty = np.array(xtx), np.array(xty)
         scale = np.sqrt(np.maximum(np.diag(xtx), 1e-30))
         xtx, xty = xtx / np.outer(scale, scale), xty / scale
         active = list(range(self.k))

@@ -219,11 +219,11 @@ class LLM:
         work = step_work(chunks)
         copies = self.swap.swap_in(self.scheduler.swapped_in)
         try:
+            scheduled = time.perf_counter()
             self.memory.begin_step(self.blocks.high_water, work.tokens)
             model_start = time.perf_counter()
             copies.start()
             logits = self.runner.run(chunks, self.kv_cache, before_layer=copies.wait)
-            stats, kv_bytes = self.pool.stats(), self.kv_cache.device_bytes  # memory while the step held it
         except BaseException as e:
             copies.finish()
             self.scheduler.undo_swap_ins()  # their K/V are still in host memory: they wait again
@@ -248,7 +248,10 @@ class LLM:
         if self.runner.device.type == "cuda":  # a step that samples nothing would leave its kernels running into
             torch.cuda.synchronize(self.runner.device)  # the next step's timing (overhead, and the cost model)
         model_end = time.perf_counter()
+        held = self._memory_held()  # before end_step, which may give memory back
+        memory_start = time.perf_counter()
         self.memory.end_step(self.blocks.high_water, idle=not self._requests)
+        memory_seconds = time.perf_counter() - memory_start + model_start - scheduled
         decoding = [seq for seq, n in chunks if n == 1 and seq.status is Status.RUNNING]
         # Swap copies are priced on their own (SwapSpace): the model of the step's work leaves them out.
         # An engine's first step also pays for what runs once (first mappings, lazy set-up), and with
@@ -259,14 +262,17 @@ class LLM:
         end = time.perf_counter()
         self.metrics.record_step(
             start=start, end=end, model_seconds=model_end - model_start,
-            overhead_seconds=(model_start - start) + (end - model_end), batch=len(chunks), decode_batch=work.decodes,
-            tokens=work.tokens,
-            decode_tokens=decode_tokens, kv_bytes=kv_bytes,
-            activation_bytes=stats["bytes_by_tag"]["activations"]["device_bytes"],
-            device_bytes=stats["mapped_device_bytes"], borrowed_bytes=stats["borrowed_bytes"],
-            swapped_bytes=stats["host_buffer_bytes"], swap_ins=len(self.scheduler.swapped_in),
-            swap_wait_seconds=copies.stalled)
+            overhead_seconds=(model_start - start) + (end - model_end), memory_seconds=memory_seconds,
+            batch=len(chunks), decode_batch=work.decodes, tokens=work.tokens, decode_tokens=decode_tokens,
+            swap_ins=len(self.scheduler.swapped_in), swap_wait_seconds=copies.stalled, **held)
         return outputs
+
+    def _memory_held(self):
+        """What the step held: the metrics' memory columns."""
+        return dict(kv_bytes=self.kv_cache.device_bytes,
+                    activation_bytes=self.pool.bytes_by_tag()["activations"]["device_bytes"],
+                    device_bytes=self.pool.mapped_device_bytes, borrowed_bytes=self.pool.borrowed_bytes,
+                    swapped_bytes=self.pool.host_buffer_bytes)
 
     def _after_token(self, seq, now):
         """Finish seq if it is done; its RequestOutput for this step."""

@@ -31,6 +31,7 @@ class RunMetrics:
         wall = steps[-1]["end"] - steps[0]["start"]
         model = sum(s["model_seconds"] for s in steps)
         overhead = sum(s["overhead_seconds"] for s in steps)
+        memory = sum(s["memory_seconds"] for s in steps)  # the part of the overhead that maps and unmaps
         decode_tokens = sum(s["decode_tokens"] for s in steps)
         decode_steps = [s for s in steps if s["decode_tokens"]]
         decode_seconds = sum(s["model_seconds"] + s["overhead_seconds"] for s in decode_steps)
@@ -54,6 +55,7 @@ class RunMetrics:
             "slo_attainment": met / len(reqs) if reqs else 0.0,
             "goodput_rps": met / wall if wall else 0.0,
             "overhead_pct": 100 * overhead / (model + overhead) if model + overhead else 0.0,
+            "memory_overhead_pct": 100 * memory / (model + overhead) if model + overhead else 0.0,
             "preemptions": sum(r["preemptions"] for r in reqs),
             "cached_tokens": sum(r["cached_tokens"] for r in reqs),
             "peak_kv_bytes": max(s["kv_bytes"] for s in steps),

@@ -54,6 +54,8 @@ class Scheduler:
     def _try_take(self, seq, n, tokens, whole):
         extra = self.blocks.blocks_for(len(seq) if whole else seq.num_computed + n) - len(seq.block_table)
         allowance = self._allowance(seq)
+        if extra <= 0:  # most decodes: the blocks it holds suffice, only the step's activations may not fit
+            return self._fits(self.blocks.high_water, tokens + n, allowance)
         # Many blocks (a long prompt) take a long walk to place: first a bound that costs nothing, which no
         # choice of blocks can beat. A decode's block or two is cheaper to place than to bound.
         if extra > 32 and not self._fits(self.blocks.least_high_water_after(extra), tokens + n, allowance):
@@ -111,14 +113,13 @@ class Scheduler:
     def _chunk(self, seq, tokens, prefill_tokens):
         """Tokens of seq to run in a step that has `tokens` so far, `prefill_tokens` of them prefill: all
         it has left, or a chunk where it may be chunked (0: none)."""
-        room = self.max_batched_tokens - tokens
+        room, left = self.max_batched_tokens - tokens, seq.num_uncomputed
         # A prefill: the policy limits those, but not a step's first where prefills cannot be chunked
         # (a prompt longer than the policy's budget would never run), unless the policy wants none.
-        if not is_decode(seq, seq.num_uncomputed) and (
-                self.chunked_prefill or prefill_tokens or not self._prefill_budget):
+        if not is_decode(seq, left) and (self.chunked_prefill or prefill_tokens or not self._prefill_budget):
             room = min(room, self._prefill_budget - prefill_tokens)
-        n = max(0, min(seq.num_uncomputed, room))
-        return n if n == seq.num_uncomputed or self._may_chunk(seq) else 0
+        n = max(0, min(left, room))
+        return n if n == left or self._may_chunk(seq) else 0
 
     def schedule(self):
         """The step's (sequence, new tokens) pairs, prefills first; [] when nothing can run. With
