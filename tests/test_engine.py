@@ -677,7 +677,23 @@ def test_kv_shrink_refused_halfway_zeroes_the_chunks_it_maps_again():
     kv.release()
 
 
-@pytest.mark.parametrize("seed", [14, 51, 61])
+@pytest.mark.parametrize("budget, prefill_first", [(160 << 10, False), (192 << 10, True)])
+def test_no_prompt_joins_one_that_memory_cut_short(tiny_model, budget, prefill_first):
+    """Eight prompts at once into a budget that cuts their prefill chunks: once memory refuses a request
+    tokens in a step, no newcomer is admitted beside it, to be preempted for its room and prefilled again
+    (these loads preempted 2 and 1 times before)."""
+    llm = tiny_engine(tiny_model, mode="elastic", budget_bytes=budget, prefill_first=prefill_first)
+    rng = random.Random(0)
+    for _ in range(8):
+        llm.add_request([rng.randrange(128) for _ in range(rng.randint(40, 60))],
+                        SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    while llm.has_unfinished_requests():
+        llm.step()
+    assert llm.scheduler.num_preemptions == 0
+    assert_pool_empty(llm)
+
+
+@pytest.mark.parametrize("seed", [14, 33, 40, 51, 75])
 def test_prefill_first_brings_swapped_requests_back_in_decode_steps(tiny_model, seed):
     """Random loads that preempt by swapping (cases a fuzz found): a request back from swap with all but
     its last token decodes in a decode step, never beside a prompt's prefill, and every output is what

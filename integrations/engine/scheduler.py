@@ -25,6 +25,7 @@ class Scheduler:
         self._prefill_budget = max_batched_tokens  # this step's, from the policy
         self._fitted = None  # (high water, step bytes, allowance) that fit in this step's schedule so far
         self._host_budget = 0  # memory.host_budget() when this step's schedule began
+        self._squeezed = False  # this step, memory refused some request the tokens it asked for
 
     def add(self, seq):
         self.waiting.append(seq)
@@ -46,6 +47,7 @@ class Scheduler:
         blocks for all its uncomputed tokens fit too (as vLLM admits a prompt: a prefill started without
         room to finish is preempted halfway and its work lost). Returns the tokens taken, 0 if none fit."""
         while not self._try_take(seq, n, tokens, whole):
+            self._squeezed = True
             if not self._may_chunk(seq) or n <= self.blocks.block_size or is_decode(seq, n):
                 return 0
             n //= 2
@@ -128,6 +130,7 @@ class Scheduler:
         step that finds no prefill so is scheduled as by default, and then holds decodes."""
         chunks, preemptions = [], self.num_preemptions
         self.swapped_in, self._fitted, self._host_budget = [], None, self.memory.host_budget()
+        self._squeezed = False
         now = time.perf_counter()
         queue = self.policy.order(self.waiting, self.running, now)
         self._prefill_budget = self.policy.prefill_tokens(self.max_batched_tokens, self.running, queue, now)
@@ -168,7 +171,9 @@ class Scheduler:
         max_running = self.policy.max_running(self.max_num_seqs, self.running, admit) if admit else 0
         tokens, prefill_tokens = self._tokens(chunks)
         for seq in admit:
-            if len(self.running) >= max_running:
+            # Once memory has refused a request its tokens, a newcomer would take the room that request
+            # needs next step, and be preempted for it (its prefill lost): the first is admitted alone.
+            if len(self.running) >= max_running or self._squeezed and self.running:
                 break
             swapped = self.swap.holds(seq)
             n, cached = self._admit(seq, tokens, prefill_tokens)
