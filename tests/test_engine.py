@@ -342,6 +342,27 @@ def test_summary_counts_decode_throughput_and_the_prefill_riding_along():
     assert summary["decode_time_with_prefill_pct"] == 75.0
 
 
+def test_output_text_is_decoded_only_when_read(tiny_model):
+    """Steps do not decode their outputs' text (a batch's whole outputs at every step); reading .text
+    decodes it once."""
+    class Tokenizer:
+        calls = 0
+
+        def decode(self, ids, skip_special_tokens):
+            Tokenizer.calls += 1
+            return " ".join(map(str, ids))
+
+    llm = make_engine(tiny_model, tokenizer=Tokenizer(), budget_bytes=2 * MB, chunk_bytes=16 << 10)
+    llm.add_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    outs = []
+    while llm.has_unfinished_requests():
+        outs += llm.step()
+    assert Tokenizer.calls == 0
+    assert outs[-1].text == " ".join(map(str, outs[-1].token_ids)) and outs[-1].text is outs[-1].text
+    assert outs[2].text == " ".join(map(str, outs[-1].token_ids[:3]))
+    assert Tokenizer.calls == 2
+
+
 def test_memory_operations_are_counted_as_overhead(tiny_model):
     """A step's begin_step and end_step (mapping and unmapping) are engine overhead, reported apart as
     memory_seconds, and not model time."""
