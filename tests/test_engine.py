@@ -342,9 +342,9 @@ def test_summary_counts_decode_throughput_and_the_prefill_riding_along():
     assert summary["decode_time_with_prefill_pct"] == 75.0
 
 
-def test_output_text_is_decoded_only_when_read(tiny_model):
+def test_step_outputs_neither_decode_nor_copy_the_prompt(tiny_model):
     """Steps do not decode their outputs' text (a batch's whole outputs at every step); reading .text
-    decodes it once."""
+    decodes it once. Every output of a request holds the same prompt list, not a copy per step."""
     class Tokenizer:
         calls = 0
 
@@ -361,6 +361,7 @@ def test_output_text_is_decoded_only_when_read(tiny_model):
     assert outs[-1].text == " ".join(map(str, outs[-1].token_ids)) and outs[-1].text is outs[-1].text
     assert outs[2].text == " ".join(map(str, outs[-1].token_ids[:3]))
     assert Tokenizer.calls == 2
+    assert outs[0].prompt_token_ids == [1, 2, 3] and all(o.prompt_token_ids is outs[0].prompt_token_ids for o in outs)
 
 
 def test_memory_operations_are_counted_as_overhead(tiny_model):

@@ -8,7 +8,7 @@ def request_metrics(seq):
     """TTFT, TPOT and end-to-end latency (seconds) of a finished request, whether it met its targets, and
     how many of its tokens the prefix cache spared from prefill."""
     ttft = seq.first_token_time - seq.arrival
-    outputs = len(seq.output_token_ids)
+    outputs = seq.num_output_tokens
     tpot = (seq.finish_time - seq.first_token_time) / (outputs - 1) if outputs > 1 else 0.0
     met = (seq.ttft_slo is None or ttft <= seq.ttft_slo) and (seq.tpot_slo is None or tpot <= seq.tpot_slo)
     return {"ttft": ttft, "tpot": tpot, "e2e": seq.finish_time - seq.arrival, "slo_met": met,

@@ -39,7 +39,7 @@ def _time_left(seq, now):
 
 
 def _tokens_left(seq):
-    return max(1, seq.params.max_tokens - len(seq.output_token_ids))
+    return max(1, seq.params.max_tokens - seq.num_output_tokens)
 
 
 def _step_allowance(seq, now):
@@ -188,7 +188,7 @@ class SLOPolicy:
     def _drain_seconds(self, decoders):
         """Predicted seconds of decode-only steps until decoders have all their tokens (max_tokens each: an
         end-of-sequence token may finish one sooner)."""
-        left = sorted((s.params.max_tokens - len(s.output_token_ids), len(s)) for s in decoders)
+        left = sorted((s.params.max_tokens - s.num_output_tokens, len(s)) for s in decoders)
         seconds, done, pairs = 0.0, 0, sum(context for _, context in left)
         for i, (tokens, _) in enumerate(left):
             alive, steps = len(left) - i, tokens - done

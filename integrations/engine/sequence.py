@@ -14,7 +14,8 @@ class Status(enum.Enum):
 class Sequence:
     def __init__(self, request_id, prompt_token_ids, params, ttft_slo=None, tpot_slo=None, arrival=None):
         self.request_id = request_id
-        self.token_ids = list(prompt_token_ids)
+        self.prompt_token_ids = list(prompt_token_ids)  # one list, shared by every output of the request
+        self.token_ids = list(self.prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
         self.params = params
         self.ttft_slo = ttft_slo
@@ -40,6 +41,10 @@ class Sequence:
     @property
     def output_token_ids(self):
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self):
+        return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def num_uncomputed(self):
