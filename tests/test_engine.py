@@ -1,6 +1,7 @@
 """The paged-KV engine: outputs match Hugging Face generate, memory comes back, bad requests are refused."""
-import time
+import contextlib
 import random
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -697,6 +698,88 @@ def test_kv_shrink_refused_halfway_zeroes_the_chunks_it_maps_again():
     for other in tenants:
         other.release()
     kv.release()
+
+
+def random_load(seed):
+    """A review's fuzz case: engine arguments and requests (arrival step, prompt, max tokens, abort step),
+    prompts drawing on three shared prefixes."""
+    rng = random.Random(seed)
+    args = dict(mode=rng.choice(["static", "elastic"]), enable_prefix_caching=rng.random() < 0.6,
+                preemption=rng.choice(["recompute", "swap", "borrow", "auto"]), block_size=rng.choice([2, 4, 8]),
+                max_num_batched_tokens=rng.choice([16, 32, 64]), max_model_len=128,
+                chunked_prefill=rng.random() < 0.7, chunk_bytes=rng.choice([4 << 10, 16 << 10]),
+                max_num_seqs=rng.choice([2, 4, 8, 64]),
+                budget_bytes=rng.choice([96 << 10, 128 << 10, 160 << 10, 192 << 10, 256 << 10, 512 << 10]),
+                host_budget_bytes=rng.choice([0, 128 << 10, 512 << 10]), policy=rng.choice(["fcfs", "fcfs", "slo"]))
+    if not args["chunked_prefill"]:
+        args["max_num_batched_tokens"] = rng.choice([64, 128])
+    prefixes = [[rng.randrange(128) for _ in range(rng.randint(4, 40))] for _ in range(3)]
+    requests = []
+    for _ in range(rng.randint(6, 30)):
+        prompt = (rng.choice(prefixes) if rng.random() < 0.6 else []) + [rng.randrange(128) for _ in range(rng.randint(1, 60))]
+        prompt = prompt[:120]
+        if args["policy"] == "slo":
+            rng.choice([0.01, 0.05, 0.5]), rng.choice([0.002, 0.01, 0.1])  # targets, unused here
+        requests.append((rng.randint(0, 25), prompt, rng.randint(1, min(40, 128 - len(prompt))),
+                         rng.randint(0, 40) if rng.random() < 0.1 else None))
+    return args, sorted(requests, key=lambda r: r[0])
+
+
+@pytest.mark.filterwarnings("ignore:preemption=.* but the pool has no host budget")  # seed 1035's load
+@pytest.mark.parametrize("seed", [34, 1035])
+def test_prefill_first_with_a_prefix_cached_to_its_last_token(seed):
+    """Loads (from a review's fuzz) where a first pass admitted a request whose prefix cache left it one
+    token, and the decode pass then preempted it with its chunk still in the step (IndexError before):
+    it now waits for the decode pass. Outputs are the default scheduling's, nothing leaks."""
+    model = small_llama(256)
+    args, requests = random_load(seed)
+    outputs = {}
+    for prefill_first in (False, True):
+        llm = LLM(model, prefill_first=prefill_first, **args)
+        pending, step, done = list(enumerate(requests)), 0, {}
+        while pending or llm.has_unfinished_requests():
+            while pending and pending[0][1][0] <= step:
+                i, (_, prompt, max_tokens, _) = pending.pop(0)
+                with contextlib.suppress(ValueError):  # one the budget could never hold
+                    llm.add_request(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                                    request_id=i)
+            for i, (_, _, _, abort_at) in enumerate(requests):
+                if abort_at == step and i in llm._requests:
+                    llm.abort(i)
+            done.update((o.request_id, o.token_ids) for o in llm.step() if o.finished)
+            step += 1
+        outputs[prefill_first] = done
+        assert_pool_empty(llm)
+        llm.close()  # again: nothing happens
+    assert outputs[True] == outputs[False]
+
+
+def test_prefill_first_brings_swapped_decodes_back_past_a_refused_prompt():
+    """A review's fuzz load: a prompt the first pass could not admit must not keep the decode pass from
+    bringing back requests swapped out while decoding (they waited 58 steps; 15 without the refusal
+    counted as memory cutting a request short). Each step records the swap space it held."""
+    args, requests = random_load(388)
+    llm = LLM(small_llama(256), prefill_first=True, **{**args, "host_budget_bytes": 512 << 10,
+                                                       "enable_prefix_caching": False})
+    held_during = []
+    run = llm.runner.run
+    llm.runner.run = lambda *a, **k: (run(*a, **k), held_during.append(llm.pool.host_buffer_bytes))[0]
+    pending, step, swapped, waits = list(enumerate(requests)), 0, {}, []
+    while pending or llm.has_unfinished_requests():
+        while pending and pending[0][1][0] <= step:
+            i, (_, prompt, max_tokens, _) = pending.pop(0)
+            with contextlib.suppress(ValueError):
+                llm.add_request(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                                request_id=i)
+        llm.step()
+        step += 1
+        for request_id, seq in llm._requests.items():
+            if llm.swap.holds(seq) and seq.num_output_tokens:
+                swapped[request_id] = swapped.get(request_id, 0) + 1
+        waits += [swapped.pop(r) for r in list(swapped) if r not in llm._requests or not llm.swap.holds(llm._requests[r])]
+    assert waits and max(waits) <= 20
+    assert [s["swapped_bytes"] for s in llm.metrics.steps] == held_during
+    assert_pool_empty(llm)
 
 
 @pytest.mark.parametrize("budget, prefill_first", [(160 << 10, False), (192 << 10, True)])

@@ -81,6 +81,19 @@ def test_the_fit_does_not_depend_on_when_it_is_asked():
     assert skipped.coefficients() == asked.coefficients()
 
 
+def test_a_fit_asked_before_its_first_refit_does_not_depend_on_when_either():
+    """Before the first refit point the answer follows every observation: asking early fixes nothing."""
+    asked, skipped = LinearFit(2, 64, 1, 4), LinearFit(2, 64, 1, 4)
+    for i in range(9):
+        for fit in (asked, skipped):
+            fit.add((1, i % 3), 0.1 + 0.05 * (i % 3) + 0.01 * i)
+        if i == 1:
+            early = asked.coefficients()
+        if i == 2:
+            assert asked.coefficients() == skipped.coefficients() != early
+    assert asked.coefficients() == skipped.coefficients()
+
+
 def test_a_fit_no_one_asks_is_never_solved(monkeypatch):
     """FCFS asks nothing of the cost model: its steps pay for the running sums, not for solves."""
     solves = []

@@ -9,9 +9,10 @@ import numpy as np
 
 class LinearFit:
     """Ready after `min_samples` observations. The normal equations are kept as running sums, and every
-    `refit` observations the fit moves to the sums as they are then: the device does not change faster
-    than that, and an answer that does not depend on when it is asked leaves callers free to skip
-    asking. The solve waits for the first question, so a fit no one asks costs only the sums. Each kind
+    `refit` observations the fit moves to the sums as they are then (before the first such point it
+    follows every observation): the device does not change faster than that, and an answer that depends
+    only on the observations so far, not on when it is asked, leaves callers free to skip asking. The
+    solve waits for a question, so a fit no one asks costs only the sums. Each kind
     of observation keeps its own window, so that a long run of one kind (decode-only steps, say) cannot
     push out the others and leave features it never varies to an arbitrary split."""
 
@@ -51,9 +52,14 @@ class LinearFit:
                 self._xtx[i][j] += sign * x[i] * x[j]
 
     def coefficients(self):
-        if self._coef is None:  # plain floats: numpy scalars are slow
-            self._coef = tuple(map(float, self._fit(*(self._fitted_sums or (self._xtx, self._xty)))))
+        if self._fitted_sums is None:  # before the first refit: the sums as they are (rarely asked)
+            return self._solve(self._xtx, self._xty)
+        if self._coef is None:
+            self._coef = self._solve(*self._fitted_sums)
         return self._coef
+
+    def _solve(self, xtx, xty):
+        return tuple(map(float, self._fit(xtx, xty)))  # plain floats: numpy scalars are slow
 
     def estimate(self, features):
         return sum(map(operator.mul, self.coefficients(), features))

@@ -239,6 +239,7 @@ class LLM:
             traceback.clear_frames(e.__traceback__)
             raise
         copies.finish()
+        swapped_bytes = self.pool.host_buffer_bytes  # with this step's swap-ins, whose buffers done() gives back
         self.swap.done([seq for seq, _ in self.scheduler.swapped_in], copies)
         for seq, n in chunks:
             seq.num_computed += n
@@ -255,7 +256,7 @@ class LLM:
         if self.runner.device.type == "cuda":  # a step that samples nothing would leave its kernels running into
             torch.cuda.synchronize(self.runner.device)  # the next step's timing (overhead, and the cost model)
         model_end = time.perf_counter()
-        held = self._memory_held()  # before end_step, which may give memory back
+        held = self._memory_held(swapped_bytes)  # before end_step, which may give memory back
         memory_start = time.perf_counter()
         self.memory.end_step(self.blocks.high_water, idle=not self._requests)
         memory_seconds = time.perf_counter() - memory_start + model_start - scheduled
@@ -274,12 +275,12 @@ class LLM:
             swap_ins=len(self.scheduler.swapped_in), swap_wait_seconds=copies.stalled, **held)
         return outputs
 
-    def _memory_held(self):
+    def _memory_held(self, swapped_bytes):
         """What the step held: the metrics' memory columns."""
         return dict(kv_bytes=self.kv_cache.device_bytes,
                     activation_bytes=self.pool.bytes_by_tag()["activations"]["device_bytes"],
                     device_bytes=self.pool.mapped_device_bytes, borrowed_bytes=self.pool.borrowed_bytes,
-                    swapped_bytes=self.pool.host_buffer_bytes)
+                    swapped_bytes=swapped_bytes)
 
     def _after_token(self, seq, now):
         """Finish seq if it is done; its RequestOutput for this step."""
@@ -342,7 +343,9 @@ class LLM:
         return [finals[i] for i in ids]
 
     def close(self):
-        """Abort what is left and give every chunk back to the pool."""
+        """Abort what is left and give every chunk back to the pool; closing again does nothing."""
+        if self.memory.activations.released:
+            return
         for request_id in list(self._requests):
             self.abort(request_id)
         self.swap.release()

@@ -25,7 +25,7 @@ class Scheduler:
         self._prefill_budget = max_batched_tokens  # this step's, from the policy
         self._fitted = None  # (high water, step bytes, allowance) that fit in this step's schedule so far
         self._host_budget = 0  # memory.host_budget() when this step's schedule began
-        self._squeezed = False  # this step, memory refused some request the tokens it asked for
+        self._squeezed = False  # this step, memory cut short a request it runs (a smaller chunk than it asked)
 
     def add(self, seq):
         self.waiting.append(seq)
@@ -47,7 +47,6 @@ class Scheduler:
         blocks for all its uncomputed tokens fit too (as vLLM admits a prompt: a prefill started without
         room to finish is preempted halfway and its work lost). Returns the tokens taken, 0 if none fit."""
         while not self._try_take(seq, n, tokens, whole):
-            self._squeezed = True
             if not self._may_chunk(seq) or n <= self.blocks.block_size or is_decode(seq, n):
                 return 0
             n //= 2
@@ -152,31 +151,28 @@ class Scheduler:
         return all(self._try_take(seq, 1, tokens, False) for seq in self.running
                    if seq.status is Status.RUNNING and is_decode(seq, seq.num_uncomputed))
 
-    def _decodes_when_admitted(self, seq):
-        """Whether seq's first step when admitted is a decode: swapped out with all but its last token."""
-        return self.swap.holds(seq) and self.swap.num_computed(seq) == len(seq) - 1
-
     def _admit_queue(self, chunks, queue, preemptions, stuck, idle, decodes):
         """Admit waiting requests in the policy's order (queue) while they fit, appending their first
-        chunks; with `decodes` False, not those back from swap to decode (one whose prefix cache covers all
-        but its last token is not known until admitted, and may decode beside prefills). None in a step
+        chunks; with `decodes` False, not those whose first chunk is a decode (back from swap, or left one
+        token by the prefix cache): a later pass admits them. None in a step
         that preempted (as vLLM), unless it is idle (nothing else runs): the request just preempted would
         be readmitted into the room it left, and preempted again next step."""
         if stuck or self.num_preemptions != preemptions and not idle:
             return
         if self.num_preemptions != preemptions:  # the requests preempted joined the queue
             queue = self.policy.order(self.waiting, self.running, time.perf_counter())
-        admit = [seq for seq in queue if seq.status is Status.WAITING  # a first pass may have taken some
-                 and (decodes or not self._decodes_when_admitted(seq))]
+        admit = [seq for seq in queue if seq.status is Status.WAITING]  # a first pass may have taken some
         max_running = self.policy.max_running(self.max_num_seqs, self.running, admit) if admit else 0
         tokens, prefill_tokens = self._tokens(chunks)
         for seq in admit:
-            # Once memory has refused a request its tokens, a newcomer would take the room that request
+            # Once memory has cut short a request the step runs, a newcomer would take the room that request
             # needs next step, and be preempted for it (its prefill lost): the first is admitted alone.
             if len(self.running) >= max_running or self._squeezed and self.running:
                 break
             swapped = self.swap.holds(seq)
-            n, cached = self._admit(seq, tokens, prefill_tokens)
+            n, cached = self._admit(seq, tokens, prefill_tokens, decodes)
+            if n is None:  # a decode, in a pass without them: it waits for the decode pass
+                continue
             if n == 0:
                 break
             if swapped:
@@ -224,11 +220,13 @@ class Scheduler:
                 chunks.append((seq, taken))
                 tokens += taken
                 prefill_tokens += 0 if is_decode(seq, taken) else taken
+                self._squeezed = self._squeezed or taken < n
         return False
 
-    def _admit(self, seq, tokens, prefill_tokens):
+    def _admit(self, seq, tokens, prefill_tokens, decodes=True):
         """Blocks for waiting seq's first chunk in a step that has `tokens` so far: (tokens it runs, tokens
-        found in the prefix cache), or (0, 0) with seq as it was if it does not fit. It takes the cached
+        found in the prefix cache), or (0, 0) with seq as it was if it does not fit, or (None, 0) if that
+        chunk is a decode and `decodes` is False (its prefix cache left it one token). It takes the cached
         blocks of its prefix (a swapped request too: shared, not copied back twice), unless they sit so
         high that the KV cache's mapped tail they pin does not fit the step: then it runs without them."""
         swapped = self.swap.holds(seq)
@@ -243,11 +241,15 @@ class Scheduler:
         while True:
             seq.num_computed = max(held, cached)
             n = self._chunk(seq, tokens, prefill_tokens)
-            taken = n and self._take(seq, n, tokens, whole=whole)
+            decode = is_decode(seq, n)
+            taken = n and (decodes or not decode) and self._take(seq, n, tokens, whole=whole)
             if taken:
+                self._squeezed = self._squeezed or taken < n
                 return taken, cached
             self.blocks.free(seq)  # the cached blocks too: a waiting request holds none
             seq.num_computed = held
+            if decode and not decodes:
+                return None, 0
             if not (n and cached):  # the step has no room for its tokens: not the cached blocks' doing
                 return 0, 0
             cached = 0
