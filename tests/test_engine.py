@@ -725,40 +725,50 @@ def random_load(seed):
     return args, sorted(requests, key=lambda r: r[0])
 
 
+def serve_load(model, args, requests, **kwargs):
+    """Serve random_load's requests step by step: (outputs of the finished, steps taken)."""
+    llm = LLM(model, **args, **kwargs)
+    pending, step, done = list(enumerate(requests)), 0, {}
+    while pending or llm.has_unfinished_requests():
+        while pending and pending[0][1][0] <= step:
+            i, (_, prompt, max_tokens, _) = pending.pop(0)
+            with contextlib.suppress(ValueError):  # one the budget could never hold
+                llm.add_request(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                                request_id=i)
+        for i, (_, _, _, abort_at) in enumerate(requests):
+            if abort_at == step and i in llm._requests:
+                llm.abort(i)
+        done.update((o.request_id, o.token_ids) for o in llm.step() if o.finished)
+        step += 1
+    assert_pool_empty(llm)
+    llm.close()  # again: nothing happens
+    return done, step
+
+
 @pytest.mark.filterwarnings("ignore:preemption=.* but the pool has no host budget")  # seed 1035's load
-@pytest.mark.parametrize("seed", [34, 1035])
-def test_prefill_first_with_a_prefix_cached_to_its_last_token(seed):
-    """Loads (from a review's fuzz) where a first pass admitted a request whose prefix cache left it one
-    token, and the decode pass then preempted it with its chunk still in the step (IndexError before):
-    it now waits for the decode pass. Outputs are the default scheduling's, nothing leaks."""
+@pytest.mark.parametrize("seed", [28, 34, 1002, 1035])
+def test_prefill_first_on_loads_a_review_found(seed):
+    """Loads from a review's fuzz. 34 and 1035: a first pass admitted a request whose prefix cache left it
+    one token, which the decode pass then preempted with its chunk still in the step (IndexError); it
+    now waits for the decode pass. 28: a prompt's one-token chunk, which runs as a decode, let the decode
+    pass run and preempt it likewise. 1002: prefill crawled in chunks of 2-3 tokens for 2,035 steps (123
+    by default) while the waiting decodes held the memory; after a step that memory cut short, they now
+    run first. Outputs are the default scheduling's, nothing leaks."""
     model = small_llama(256)
     args, requests = random_load(seed)
-    outputs = {}
-    for prefill_first in (False, True):
-        llm = LLM(model, prefill_first=prefill_first, **args)
-        pending, step, done = list(enumerate(requests)), 0, {}
-        while pending or llm.has_unfinished_requests():
-            while pending and pending[0][1][0] <= step:
-                i, (_, prompt, max_tokens, _) = pending.pop(0)
-                with contextlib.suppress(ValueError):  # one the budget could never hold
-                    llm.add_request(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
-                                    request_id=i)
-            for i, (_, _, _, abort_at) in enumerate(requests):
-                if abort_at == step and i in llm._requests:
-                    llm.abort(i)
-            done.update((o.request_id, o.token_ids) for o in llm.step() if o.finished)
-            step += 1
-        outputs[prefill_first] = done
-        assert_pool_empty(llm)
-        llm.close()  # again: nothing happens
-    assert outputs[True] == outputs[False]
+    (default, default_steps), (first, steps) = (serve_load(model, args, requests, prefill_first=prefill_first)
+                                                for prefill_first in (False, True))
+    aborted = {i for i, request in enumerate(requests) if request[3] is not None}  # they may finish first
+    assert set(first) ^ set(default) <= aborted
+    assert all(first[i] == default[i] for i in set(first) & set(default))
+    assert steps < 2 * default_steps
 
 
 def test_prefill_first_brings_swapped_decodes_back_past_a_refused_prompt():
-    """A review's fuzz load: a prompt the first pass could not admit must not keep the decode pass from
-    bringing back requests swapped out while decoding (they waited 58 steps; 15 without the refusal
-    counted as memory cutting a request short). Each step records the swap space it held."""
-    args, requests = random_load(388)
+    """A fuzzed load: a prompt the first pass could not admit must not keep the decode pass from bringing
+    back requests swapped out while decoding (with the refusal counted as memory cutting a request short
+    they waited up to 251 steps; 12 now). Each step records the swap space it held."""
+    args, requests = random_load(568)
     llm = LLM(small_llama(256), prefill_first=True, **{**args, "host_budget_bytes": 512 << 10,
                                                        "enable_prefix_caching": False})
     held_during = []
@@ -777,7 +787,7 @@ def test_prefill_first_brings_swapped_decodes_back_past_a_refused_prompt():
             if llm.swap.holds(seq) and seq.num_output_tokens:
                 swapped[request_id] = swapped.get(request_id, 0) + 1
         waits += [swapped.pop(r) for r in list(swapped) if r not in llm._requests or not llm.swap.holds(llm._requests[r])]
-    assert waits and max(waits) <= 20
+    assert waits and max(waits) <= 30
     assert [s["swapped_bytes"] for s in llm.metrics.steps] == held_during
     assert_pool_empty(llm)
 

@@ -126,19 +126,26 @@ class Scheduler:
         """The step's (sequence, new tokens) pairs, prefills first; [] when nothing can run. With
         prefill_first a first pass schedules prefills only, and admits beside them only after the running
         decodes' next blocks are held (a prompt admitted into their room would be preempted at once); a
-        step that finds no prefill so is scheduled as by default, and then holds decodes."""
+        step that finds no prefill so is scheduled as by default, and then holds decodes. After a step
+        whose prefill memory cut short, the decodes run alone first."""
         chunks, preemptions = [], self.num_preemptions
         self.swapped_in, self._fitted, self._host_budget = [], None, self.memory.host_budget()
-        self._squeezed = False
+        squeezed, self._squeezed = self._squeezed, False
         now = time.perf_counter()
         queue = self.policy.order(self.waiting, self.running, now)
         self._prefill_budget = self.policy.prefill_tokens(self.max_batched_tokens, self.running, queue, now)
+        if self.prefill_first and squeezed:
+            # Memory cut the last step's prefill short while decodes hold it: they run now, and as they
+            # finish they give the prefill its room back (waiting, they would keep it cut short).
+            self._continue(chunks, decodes=True, prefills=False)
+            if chunks:
+                return chunks
         if self.prefill_first:
             stuck = self._continue(chunks, decodes=False)
             if self._hold_decode_blocks(chunks):
                 self._admit_queue(chunks, queue, preemptions, stuck, idle=not chunks and not self.running,
                                   decodes=False)
-            if stuck or any(not is_decode(*c) for c in chunks):
+            if stuck or chunks:  # prompts' chunks only (one of a single token runs as a decode does)
                 return sorted(chunks, key=lambda c: is_decode(*c))
         stuck = self._continue(chunks, decodes=True)
         self._admit_queue(chunks, queue, preemptions, stuck, idle=not chunks, decodes=True)
@@ -192,15 +199,16 @@ class Scheduler:
         tokens = sum(n for _, n in chunks)
         return tokens, tokens - sum(is_decode(seq, n) for seq, n in chunks)
 
-    def _continue(self, chunks, decodes):
-        """Append to chunks the running requests' next tokens (their decodes only if `decodes`), preempting
-        the latest to make room where they do not fit. Returns whether a request alone is stuck."""
+    def _continue(self, chunks, decodes, prefills=True):
+        """Append to chunks the running requests' next tokens (their decodes only if `decodes`, their
+        prefills only if `prefills`), preempting the latest to make room where they do not fit. Returns
+        whether a request alone is stuck."""
         tokens, prefill_tokens = self._tokens(chunks)
         scheduled = {id(seq) for seq, _ in chunks}  # in a first pass, or admitted in it
         for seq in list(self.running):
             if seq.status is not Status.RUNNING:
                 continue  # preempted below to make room for an earlier request
-            if id(seq) in scheduled or not decodes and is_decode(seq, seq.num_uncomputed):
+            if id(seq) in scheduled or not (decodes if is_decode(seq, seq.num_uncomputed) else prefills):
                 continue
             n = self._chunk(seq, tokens, prefill_tokens)
             if n == 0:
