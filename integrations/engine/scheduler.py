@@ -25,7 +25,9 @@ class Scheduler:
         self._prefill_budget = max_batched_tokens  # this step's, from the policy
         self._fitted = None  # (high water, step bytes, allowance) that fit in this step's schedule so far
         self._host_budget = 0  # memory.host_budget() when this step's schedule began
-        self._squeezed = False  # this step, memory cut short a request it runs (a smaller chunk than it asked)
+        # Memory cut short a request the step runs (a smaller chunk than it asked): no newcomer joins it,
+        # and with prefill_first the next step runs the decodes first.
+        self._squeezed = False
 
     def add(self, seq):
         self.waiting.append(seq)
@@ -161,9 +163,9 @@ class Scheduler:
     def _admit_queue(self, chunks, queue, preemptions, stuck, idle, decodes):
         """Admit waiting requests in the policy's order (queue) while they fit, appending their first
         chunks; with `decodes` False, not those whose first chunk is a decode (back from swap, or left one
-        token by the prefix cache): a later pass admits them. None in a step
-        that preempted (as vLLM), unless it is idle (nothing else runs): the request just preempted would
-        be readmitted into the room it left, and preempted again next step."""
+        token by the prefix cache): a later pass admits them. None in a step that preempted (as vLLM),
+        unless it is idle (nothing else runs): the request just preempted would be readmitted into the
+        room it left, and preempted again next step."""
         if stuck or self.num_preemptions != preemptions and not idle:
             return
         if self.num_preemptions != preemptions:  # the requests preempted joined the queue
@@ -172,8 +174,9 @@ class Scheduler:
         max_running = self.policy.max_running(self.max_num_seqs, self.running, admit) if admit else 0
         tokens, prefill_tokens = self._tokens(chunks)
         for seq in admit:
-            # Once memory has cut short a request the step runs, a newcomer would take the room that request
-            # needs next step, and be preempted for it (its prefill lost): the first is admitted alone.
+            # Once memory has cut short a request the step runs (a running one, or the last admitted), a
+            # newcomer would take the room that request needs next step, and be preempted for it (its
+            # prefill lost).
             if len(self.running) >= max_running or self._squeezed and self.running:
                 break
             swapped = self.swap.holds(seq)
