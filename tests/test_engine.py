@@ -725,9 +725,9 @@ def random_load(seed):
     return args, sorted(requests, key=lambda r: r[0])
 
 
-def serve_load(model, args, requests, **kwargs):
-    """Serve random_load's requests step by step: (outputs of the finished, steps taken)."""
-    llm = LLM(model, **args, **kwargs)
+def serve_load(llm, requests, after_step=lambda: None):
+    """Serve random_load's requests on llm step by step, calling after_step() after each step; then check
+    that nothing leaked and close llm. Returns (outputs of the finished, steps taken)."""
     pending, step, done = list(enumerate(requests)), 0, {}
     while pending or llm.has_unfinished_requests():
         while pending and pending[0][1][0] <= step:
@@ -740,6 +740,7 @@ def serve_load(model, args, requests, **kwargs):
                 llm.abort(i)
         done.update((o.request_id, o.token_ids) for o in llm.step() if o.finished)
         step += 1
+        after_step()
     assert_pool_empty(llm)
     llm.close()  # again: nothing happens
     return done, step
@@ -756,7 +757,7 @@ def test_prefill_first_on_loads_a_review_found(seed):
     run first. Outputs are the default scheduling's, nothing leaks."""
     model = small_llama(256)
     args, requests = random_load(seed)
-    (default, default_steps), (first, steps) = (serve_load(model, args, requests, prefill_first=prefill_first)
+    (default, default_steps), (first, steps) = (serve_load(LLM(model, prefill_first=prefill_first, **args), requests)
                                                 for prefill_first in (False, True))
     aborted = {i for i, request in enumerate(requests) if request[3] is not None}  # they may finish first
     assert set(first) ^ set(default) <= aborted
@@ -765,31 +766,27 @@ def test_prefill_first_on_loads_a_review_found(seed):
 
 
 def test_prefill_first_brings_swapped_decodes_back_past_a_refused_prompt():
-    """A fuzzed load: a prompt the first pass could not admit must not keep the decode pass from bringing
-    back requests swapped out while decoding (with the refusal counted as memory cutting a request short
-    they waited up to 251 steps; 12 now). Each step records the swap space it held."""
-    args, requests = random_load(568)
-    llm = LLM(small_llama(256), prefill_first=True, **{**args, "host_budget_bytes": 512 << 10,
-                                                       "enable_prefix_caching": False})
-    held_during = []
+    """A fuzzed load, scheduled without timings (FCFS, swap): a prompt the first pass could not admit must
+    not keep the decode pass from bringing back requests swapped out while decoding (with the refusal
+    counted as memory cutting a request short they waited up to 157 steps; 9 now). Each step records the
+    swap space it held."""
+    args, requests = random_load(540)
+    llm = LLM(small_llama(256), prefill_first=True, **{**args, "host_budget_bytes": 512 << 10, "policy": "fcfs",
+                                                       "preemption": "swap", "enable_prefix_caching": False})
+    held_during, swapped, waits = [], {}, []
     run = llm.runner.run
     llm.runner.run = lambda *a, **k: (run(*a, **k), held_during.append(llm.pool.host_buffer_bytes))[0]
-    pending, step, swapped, waits = list(enumerate(requests)), 0, {}, []
-    while pending or llm.has_unfinished_requests():
-        while pending and pending[0][1][0] <= step:
-            i, (_, prompt, max_tokens, _) = pending.pop(0)
-            with contextlib.suppress(ValueError):
-                llm.add_request(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
-                                request_id=i)
-        llm.step()
-        step += 1
+
+    def count_waits():
         for request_id, seq in llm._requests.items():
             if llm.swap.holds(seq) and seq.num_output_tokens:
                 swapped[request_id] = swapped.get(request_id, 0) + 1
-        waits += [swapped.pop(r) for r in list(swapped) if r not in llm._requests or not llm.swap.holds(llm._requests[r])]
+        waits.extend(swapped.pop(r) for r in list(swapped)
+                     if r not in llm._requests or not llm.swap.holds(llm._requests[r]))
+
+    serve_load(llm, requests, count_waits)
     assert waits and max(waits) <= 30
     assert [s["swapped_bytes"] for s in llm.metrics.steps] == held_during
-    assert_pool_empty(llm)
 
 
 @pytest.mark.parametrize("budget, prefill_first", [(160 << 10, False), (192 << 10, True)])
