@@ -133,15 +133,15 @@ class Scheduler:
         chunks, preemptions = [], self.num_preemptions
         self.swapped_in, self._fitted, self._host_budget = [], None, self.memory.host_budget()
         squeezed, self._squeezed = self._squeezed, False
-        now = time.perf_counter()
-        queue = self.policy.order(self.waiting, self.running, now)
-        self._prefill_budget = self.policy.prefill_tokens(self.max_batched_tokens, self.running, queue, now)
         if self.prefill_first and squeezed:
             # Memory cut the last step's prefill short while decodes hold it: they run now, and as they
             # finish they give the prefill its room back (waiting, they would keep it cut short).
             self._continue(chunks, decodes=True, prefills=False)
             if chunks:
                 return chunks
+        now = time.perf_counter()
+        queue = self.policy.order(self.waiting, self.running, now)
+        self._prefill_budget = self.policy.prefill_tokens(self.max_batched_tokens, self.running, queue, now)
         if self.prefill_first:
             stuck = self._continue(chunks, decodes=False)
             if self._hold_decode_blocks(chunks):
@@ -160,6 +160,11 @@ class Scheduler:
         return all(self._try_take(seq, 1, tokens, False) for seq in self.running
                    if seq.status is Status.RUNNING and is_decode(seq, seq.num_uncomputed))
 
+    def _decodes_when_back(self, seq):
+        """Whether seq comes back from swap to a decode, known without taking its cached prefix blocks
+        (which _admit would then give back, at every step it waits)."""
+        return self.swap.holds(seq) and self.swap.num_computed(seq) == len(seq) - 1
+
     def _admit_queue(self, chunks, queue, preemptions, stuck, idle, decodes):
         """Admit waiting requests in the policy's order (queue) while they fit, appending their first
         chunks; with `decodes` False, not those whose first chunk is a decode (back from swap, or left one
@@ -170,7 +175,8 @@ class Scheduler:
             return
         if self.num_preemptions != preemptions:  # the requests preempted joined the queue
             queue = self.policy.order(self.waiting, self.running, time.perf_counter())
-        admit = [seq for seq in queue if seq.status is Status.WAITING]  # a first pass may have taken some
+        admit = [seq for seq in queue if seq.status is Status.WAITING  # a first pass may have taken some
+                 and (decodes or not self._decodes_when_back(seq))]
         max_running = self.policy.max_running(self.max_num_seqs, self.running, admit) if admit else 0
         tokens, prefill_tokens = self._tokens(chunks)
         for seq in admit:
