@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
+from torch.nn.attention.bias import causal_lower_right
+from torch.utils._python_dispatch import _disable_current_modes
 
 # SDPA backends the engine's attention may use. Recent PyTorch tries cuDNN first on Hopper in half
 # precision, and cuDNN builds an execution plan for every new (batch, query length, key length): some
@@ -47,6 +49,14 @@ def kernel_is_fused(q, masked):
     head_dim = q.shape[-1]
     return (not masked and q.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256
             and torch.cuda.get_device_capability(q.device) >= (8, 0))
+
+
+def lower_right_causal(n, ctx):
+    """SDPA's causal mask for n queries at the end of ctx keys, which CUDA's flash kernel applies without
+    building it. It is a Tensor subclass, which cannot be made under a dispatch mode (the activation
+    profile's): it is made outside any."""
+    with _disable_current_modes():
+        return causal_lower_right(n, ctx)
 
 
 @dataclass
@@ -114,9 +124,13 @@ def paged_attention(q, cache, layout, scale):
         k, v = (halves.index_select(0, r).view(-1, *slot_shape)[:ctx].transpose(0, 1)[None]
                 for r in kv_rows)  # [1, kv_heads, ctx, head_dim]
         qs = q[start:start + n].transpose(0, 1)[None]
-        if n == ctx and kernel_is_fused(q, masked=False):
+        # A whole prompt is causal from its first key. A later chunk's queries sit at the end of the keys:
+        # CUDA's flash kernel aligns the causal mask there (lower right) with no mask built; the CPU's
+        # flash kernel has no such variant (it would fall to the math path) and takes the tiles below.
+        if kernel_is_fused(q, masked=False) and (n == ctx or q.device.type == "cuda"):
+            bias = lower_right_causal(n, ctx) if n < ctx else None
             out[start:start + n] = F.scaled_dot_product_attention(
-                qs, k, v, is_causal=True, scale=scale, enable_gqa=True)[0].transpose(0, 1)
+                qs, k, v, attn_mask=bias, is_causal=bias is None, scale=scale, enable_gqa=True)[0].transpose(0, 1)
             continue
         tile = QUERY_TILE if kernel_is_fused(q, masked=True) else max(1, SCORE_LIMIT // (q.shape[1] * ctx))
         for first in range(0, n, tile):  # query i sits at position ctx - n + i and sees keys up to it
