@@ -248,7 +248,8 @@ def test_a_cached_prefix_pinning_the_kv_tail_is_left_behind(tiny_model, seed):
 @pytest.mark.parametrize("seed", range(4))
 def test_block_manager_answers_stay_true_as_blocks_change(seed):
     """high_water_after answers from memory while nothing changed: after every change it must agree with
-    the picks worked out anew, and least_high_water_after must never exceed it."""
+    the picks worked out anew, and least_high_water_after must never exceed it. grow() hands out the
+    picks, and the free lists stay sorted and hold every block not in use."""
     rng = random.Random(seed)
     mapped = [0]
     blocks = BlockManager(block_size=4, max_blocks=64, prefix_caching=True, mapped_blocks=lambda: mapped[0])
@@ -259,10 +260,13 @@ def test_block_manager_answers_stay_true_as_blocks_change(seed):
         for extra in {0, 1, 2, rng.randrange(blocks.num_free + 1), blocks.num_free}:
             for compact in (False, True):
                 answer = blocks.high_water_after(extra, compact)
-                picks = blocks._picks(extra, compact)
-                assert answer == max([blocks.high_water] + [b + 1 for b, _ in picks])
+                picks, _ = blocks._picks(extra, compact)
+                assert answer == max([blocks.high_water] + [b + 1 for b in picks])
                 assert blocks.least_high_water_after(extra) <= answer
         assert blocks.high_water_after(blocks.num_free + 1) is None
+        # Every block is in use or in exactly one of the free lists, which stay sorted.
+        assert blocks._free == sorted(blocks._free) and blocks._free_cached == sorted(blocks._free_cached)
+        assert sorted(blocks._free + blocks._free_cached + list(blocks._refs)) == list(range(64))
 
     for _ in range(300):
         check()  # remembered now; the change below must make it forget
@@ -272,7 +276,10 @@ def test_block_manager_answers_stay_true_as_blocks_change(seed):
             seq = new_seq(rng.choice(prefixes)[:rng.randrange(4, 13)] + tail)
             blocks.take_cached(seq)  # as the scheduler admits: the cached prefix, then questions, then growth
             check()
+            need = blocks.blocks_for(len(seq)) - len(seq.block_table)
+            picks, _ = blocks._picks(need)
             blocks.grow(seq, len(seq))
+            assert seq.block_table[len(seq.block_table) - need:] == picks
             seq.num_computed = len(seq)
             blocks.cache_full_blocks(seq)
             live.append(seq)
