@@ -62,18 +62,16 @@ class LLM:
     and then run in one batch, which costs their latency and, on a device whose decode steps are bound by
     reading the weights, raises decode throughput.
 
-    pool: a torch_ellm Pool to draw KV (and activation) memory from, shared with whatever else lives
-    in it; its budgets and chunk size stand (budget_bytes, host_budget_bytes and chunk_bytes must then be
-    left out). On CUDA under
-    torch_ellm.enable() the default is the allocator's pool, so KV cache, weights and activations share
-    one budget. activations_in_pool: whether the model's activations are allocated from that pool
-    (default: whether it is the allocator's pool); they are then kept room for rather than charged."""
+    pool: a torch_ellm Pool to draw KV memory from and keep activation room in, shared with whatever
+    else lives in it; its budgets and chunk size stand (budget_bytes, host_budget_bytes and chunk_bytes
+    must then be left out). On CUDA under torch_ellm.enable() the default is the allocator's pool, so KV
+    cache, weights and activations share one budget."""
 
     def __init__(self, model, tokenizer=None, mode="elastic", budget_bytes=None, host_budget_bytes=0, *,
                  policy="fcfs", preemption="recompute", block_size=16, max_num_seqs=64,
                  max_num_batched_tokens=512, max_model_len=None, chunked_prefill=True, prefill_first=False,
                  chunk_bytes=None,
-                 activation_profile=None, enable_prefix_caching=True, pool=None, activations_in_pool=None):
+                 activation_profile=None, enable_prefix_caching=True, pool=None):
         if isinstance(model, str):
             from transformers import AutoModelForCausalLM, AutoTokenizer
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
@@ -104,8 +102,6 @@ class LLM:
         elif pool.device != device:
             raise ValueError(f"the pool is on {pool.device} but the model on {device}")
         self.pool = pool
-        if activations_in_pool is None:
-            activations_in_pool = torch_ellm.allocator.is_allocator_pool(pool)
         self.profile = activation_profile or self._profile(runner, backend, block_size, max_num_batched_tokens)
         block_bytes = runner.num_layers * 2 * block_size * runner.num_kv_heads * runner.head_dim * runner.dtype.itemsize
         max_blocks = (self.pool.budget_bytes + self.pool.host_budget_bytes) // block_bytes + 1
@@ -113,7 +109,7 @@ class LLM:
                                 max_blocks, runner.dtype)
         try:
             self.memory = Memory(self.pool, self.kv_cache, self.profile, mode, max_num_batched_tokens,
-                                 activations_in_pool, borrow=preemption == "borrow")
+                                 borrow=preemption == "borrow")
         except Exception:
             self.kv_cache.release()
             raise
@@ -278,7 +274,7 @@ class LLM:
     def _memory_held(self, swapped_bytes):
         """What the step held: the metrics' memory columns."""
         return dict(kv_bytes=self.kv_cache.device_bytes,
-                    activation_bytes=self.pool.bytes_by_tag()["activations"]["device_bytes"],
+                    activation_bytes=self.memory.activation_room,
                     device_bytes=self.pool.mapped_device_bytes, borrowed_bytes=self.pool.borrowed_bytes,
                     swapped_bytes=swapped_bytes)
 
@@ -344,7 +340,7 @@ class LLM:
 
     def close(self):
         """Abort what is left and give every chunk back to the pool; closing again does nothing."""
-        if self.memory.activations.released:
+        if self.memory.released:
             return
         for request_id in list(self._requests):
             self.abort(request_id)

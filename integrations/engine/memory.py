@@ -5,13 +5,14 @@ way vLLM sizes its reserve): each profile run is a chunk of T tokens at the end 
 context, the worst case for T tokens. Then:
 - static: the activation peak for max_batched_tokens is reserved once; the rest of the budget becomes
   a fixed KV pool.
-- elastic: before each step its activation bytes are charged to the pool (a virtual tensor tagged
-  'activations', resized to the step's need), or, where they really come from the pool (CUDA under
-  enable()), kept free of KV; the KV cache maps blocks only as they are used. What a
-  step leaves mapped (idle activations, the KV cache's free tail) is given back lazily, when a later
-  step needs the room, and all of it when the engine goes idle: KV and activations compete for one
-  budget.
-On CUDA with enable() the activations really come from the pool; on CPU the charge stands in for them."""
+- elastic: before each step the pool is told to keep the step's activation bytes free (its
+  keep_free_bytes, which every tag but 'activations' must leave alone); the KV cache maps blocks only as
+  they are used. The KV cache's free tail is given back lazily, when a later step needs the room, and
+  all of it when the engine goes idle: KV and activations compete for one budget.
+The room is kept, never mapped by the engine: on CUDA under enable() the activations really come from
+the pool, into that room; elsewhere the framework's own allocator holds them beside the pool, which
+then leaves their bytes of its budget unused (mapping a stand-in would take them twice, and cost a
+driver call a chunk)."""
 import bisect
 import weakref
 
@@ -102,36 +103,31 @@ class ActivationProfile:
 
 
 class Memory:
-    """Decides whether a step's KV blocks and activations fit the budget, and maps them around the step.
-
-    activations_in_pool: the step's activations really come from this pool (CUDA under enable(), the
-    engine on the allocator's pool). They are then not charged; instead the pool's policy keeps their
-    bytes free of KV (keep_free_bytes: the step's need in elastic mode, the peak in static mode).
+    """Decides whether a step's KV blocks and activations fit the budget, maps the KV around the step
+    and keeps the pool's keep_free_bytes at the room its activations need (the step's in elastic mode,
+    the peak in static mode).
 
     The pool may be shared. What other tenants map (weights, the caller's tensors) is not the engine's
     to use, what the pool's consumers would give back when asked (the allocator's cached blocks) is, and
     a keep_free_bytes the pool has when the engine is made stays kept free for others, on top of the
     engine's own headroom."""
 
-    def __init__(self, pool, kv_cache, profile, mode, max_batched_tokens, activations_in_pool=False, borrow=False):
+    def __init__(self, pool, kv_cache, profile, mode, max_batched_tokens, borrow=False):
         if mode not in ("static", "elastic"):
             raise ValueError(f"mode must be 'static' or 'elastic', got {mode!r}")
         self.pool, self.kv, self.profile, self.mode = pool, kv_cache, profile, mode
-        self.external = activations_in_pool
         self.borrow = borrow  # whether a step may run with some of its KV borrowed to host memory
         self.kept_for_others = pool.policy["keep_free_bytes"]
         self.peak_activation_bytes = _round_up(profile.bytes_for(max_batched_tokens), pool.chunk_bytes)
-        self.activations = pool.virtual_tensor(max(self.peak_activation_bytes, pool.chunk_bytes), tag="activations")
+        self.activation_room = 0  # what the pool keeps free for the step that runs (or ran last)
+        self.released = False
         self.static_blocks = 0
         self._step_bytes = {}  # step_bytes() by token count: the profile and the mode do not change
         if mode == "static":
             if self.peak_activation_bytes > self.room_alone():
                 raise ValueError(f"{self.budget_text()} cannot hold the activation peak "
                                  f"{self.peak_activation_bytes} B of {max_batched_tokens} batched tokens")
-            if self.external:
-                pool.set_policy(keep_free_bytes=self.kept_for_others + self.peak_activation_bytes)
-            else:
-                self.activations.resize(self.peak_activation_bytes)
+            self._keep_room(self.peak_activation_bytes)
             self.static_blocks = self._blocks_within(self.device_room() - self._headroom(max_batched_tokens))
             kv_cache.resize(self.static_blocks)
 
@@ -145,7 +141,7 @@ class Memory:
 
     def others_bytes(self):
         """Device bytes the pool's other tenants hold that its consumers would not give back."""
-        own = self.kv.device_bytes + self.activations.mapped_bytes
+        own = self.kv.device_bytes
         return max(0, self.pool.mapped_device_bytes - own - self.pool.releasable_bytes())
 
     def room_alone(self):
@@ -160,10 +156,12 @@ class Memory:
         return f"the budget of {self.pool.budget_bytes} B" + (f" ({', '.join(taken)})" if taken else "")
 
     def _headroom(self, num_tokens):
-        """Bytes a step's uncharged activations will take from the pool while it runs."""
-        if not self.external:
-            return 0
+        """Bytes the pool keeps free for a step's activations."""
         return self.peak_activation_bytes if self.mode == "static" else self._step_activation_bytes(num_tokens)
+
+    def _keep_room(self, nbytes):
+        self.activation_room = nbytes
+        self.pool.set_policy(keep_free_bytes=self.kept_for_others + nbytes)
 
     def host_budget(self):
         """Host bytes a step's KV may borrow: none unless preempting by borrowing, and none where the
@@ -194,21 +192,12 @@ class Memory:
     def _step_activation_bytes(self, num_tokens):
         return _round_up(self.profile.bytes_for(num_tokens), self.pool.chunk_bytes)
 
-    def _activation_bytes(self, num_tokens):
-        """What a step charges to the pool for its activations (static mode reserved them already)."""
-        if self.mode == "static" or self.external:
-            return 0
-        return self._step_activation_bytes(num_tokens)
-
-    def _activation_growth(self, num_tokens):
-        return 0 if self.mode == "static" else self._activation_bytes(num_tokens) - self.activations.mapped_bytes
-
     def fits(self, high_water, num_tokens, host_allowance=0):
         """Would a step with num_tokens tokens whose KV reaches block high_water fit, borrowing at most
         host_allowance bytes of host memory? Borrowing moves KV already on the device, so it frees no
         more than that."""
         kv_growth = self._kv_growth(self._kv_blocks(high_water))
-        need = kv_growth + self._activation_growth(num_tokens) + self._headroom(num_tokens)
+        need = kv_growth + self._headroom(num_tokens)
         room = self.device_room()
         if need <= room or host_allowance <= 0:
             return need <= room
@@ -219,7 +208,7 @@ class Memory:
         """The part of fits() that depends on a step's tokens: two token counts with the same step_bytes
         fit or not alike (the bytes are whole chunks, so most steps a decode adds to share them)."""
         if num_tokens not in self._step_bytes:  # asked for every request the scheduler takes, every step
-            self._step_bytes[num_tokens] = self._activation_bytes(num_tokens) + self._headroom(num_tokens)
+            self._step_bytes[num_tokens] = self._headroom(num_tokens)
         return self._step_bytes[num_tokens]
 
     def _idle_host_bytes(self):
@@ -252,48 +241,41 @@ class Memory:
         return min(self.kv.max_blocks, max(blocks, self.static_blocks))
 
     def begin_step(self, high_water, num_tokens):
-        """Map everything the step needs before it runs (OutOfMemoryError if it does not fit).
+        """Map the KV the step needs and keep its activations' room free before it runs (OutOfMemoryError
+        if it does not fit).
 
-        Elastic mode deflates lazily, as eLLM does: activation chunks and the KV cache's free tail
-        that earlier steps left mapped stay mapped while this step fits beside them, and are given
-        back only when it does not (a prefill needing room, more KV). That saves a map and an unmap
-        of every chunk on every step."""
-        kv_blocks = self._kv_blocks(high_water)
-        act, headroom = self._activation_bytes(num_tokens), self._headroom(num_tokens)
+        Elastic mode deflates lazily, as eLLM does: the KV cache's free tail that earlier steps left
+        mapped stays mapped while this step fits beside it, and is given back only when it does not (a
+        prefill needing room). That saves a map and an unmap of every chunk on every step."""
+        kv_blocks, headroom = self._kv_blocks(high_water), self._headroom(num_tokens)
         if self.mode == "elastic":
-            held = self.activations.mapped_bytes
-            lazy_kv, lazy_act = max(kv_blocks, self.kv.num_blocks), max(act, held)
-            if self.kv.bytes_to_resize(lazy_kv) + lazy_act - held + headroom <= self.device_room():
-                kv_blocks, act = lazy_kv, lazy_act
-            if act < held:
-                self.activations.resize(act)  # shrink before the KV grows into the room
+            lazy_kv = max(kv_blocks, self.kv.num_blocks)
+            if self.kv.bytes_to_resize(lazy_kv) + headroom <= self.device_room():
+                kv_blocks = lazy_kv
         # A step fits() allowed host memory for borrows it here, before anything grows: a KV layer being
         # resized lends none of its own chunks, and keep_free below shuts the KV out of the headroom.
-        act_growth = act - self.activations.mapped_bytes if self.mode == "elastic" else 0
-        short = self._kv_growth(kv_blocks) + act_growth + headroom - self.device_room()
+        short = self._kv_growth(kv_blocks) + headroom - self.device_room()
         if short > 0:
             self.pool.borrow(short)
-        if self.mode == "elastic" and self.external:
-            self.pool.set_policy(keep_free_bytes=self.kept_for_others + headroom)
-        self.kv.resize(kv_blocks)
         if self.mode == "elastic":
-            self.activations.resize(act)
+            self._keep_room(headroom)
+        self.kv.resize(kv_blocks)
 
     def end_step(self, high_water, idle):
         """After a step. Static mode keeps its fixed KV pool; elastic mode keeps what the step mapped
         for the next one (begin_step gives it back when needed) until the engine is idle, and then
-        gives everything back. Borrowed KV comes home when there is room."""
+        gives everything back, its activations' room included. Borrowed KV comes home when there is
+        room."""
         if self.mode == "static" or idle:
             if self.mode == "elastic":
-                self.activations.resize(0)
-                if self.external:
-                    self.pool.set_policy(keep_free_bytes=self.kept_for_others)
+                self._keep_room(0)
             self.kv.resize(self._kv_blocks(high_water))
         if self.pool.borrowed_bytes:
             self.pool.return_borrowed()
 
     def release(self):
-        self.activations.release()
-        self.kv.release()
-        if self.external:
+        """Give the KV cache back and the pool's keep_free_bytes as it was; releasing again does nothing."""
+        if not self.released:
+            self.released = True
+            self.kv.release()
             self.pool.set_policy(keep_free_bytes=self.kept_for_others)
