@@ -265,7 +265,8 @@ def test_block_manager_answers_stay_true_as_blocks_change(seed):
                 assert blocks.least_high_water_after(extra) <= answer
         assert blocks.high_water_after(blocks.num_free + 1) is None
         # Every block is in use or in exactly one of the free lists, which stay sorted.
-        assert blocks._free == sorted(blocks._free) and blocks._free_cached == sorted(blocks._free_cached)
+        for free in (blocks._free, blocks._free_cached):
+            assert free == sorted(free, reverse=True)
         assert sorted(blocks._free + blocks._free_cached + list(blocks._refs)) == list(range(64))
 
     for _ in range(300):

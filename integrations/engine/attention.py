@@ -8,9 +8,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.backends.cuda import SDPAParams, can_use_flash_attention
 from torch.nn.attention import SDPBackend
-from torch.nn.attention.bias import causal_lower_right
-from torch.utils._python_dispatch import _disable_current_modes
 
 # SDPA backends the engine's attention may use. Recent PyTorch tries cuDNN first on Hopper in half
 # precision, and cuDNN builds an execution plan for every new (batch, query length, key length): some
@@ -51,12 +50,16 @@ def kernel_is_fused(q, masked):
             and torch.cuda.get_device_capability(q.device) >= (8, 0))
 
 
-def lower_right_causal(n, ctx):
-    """SDPA's causal mask for n queries at the end of ctx keys, which CUDA's flash kernel applies without
-    building it. It is a Tensor subclass, which cannot be made under a dispatch mode (the activation
-    profile's): it is made outside any."""
-    with _disable_current_modes():
-        return causal_lower_right(n, ctx)
+def flash_lower_right(qs, k, v, scale):
+    """Attention of the queries at the end of the keys, each seeing the keys up to its own position, in
+    CUDA's flash kernel; None where flash cannot take these inputs. Flash aligns its causal mask to the
+    last key (lower right) where the queries are fewer, SDPA's is_causal to the first (upper left): this
+    calls the kernel as SDPA's own causal_lower_right bias does, without that bias, a Tensor subclass that
+    allocates an unused [2, queries, keys] buffer and cannot be made under the activation profile's
+    dispatch mode."""
+    if qs.device.type != "cuda" or not can_use_flash_attention(SDPAParams(qs, k, v, None, 0.0, False, True), False):
+        return None
+    return torch.ops.aten._scaled_dot_product_flash_attention(qs, k, v, 0.0, True, False, scale=scale)[0]
 
 
 @dataclass
@@ -124,13 +127,13 @@ def paged_attention(q, cache, layout, scale):
         k, v = (halves.index_select(0, r).view(-1, *slot_shape)[:ctx].transpose(0, 1)[None]
                 for r in kv_rows)  # [1, kv_heads, ctx, head_dim]
         qs = q[start:start + n].transpose(0, 1)[None]
-        # A whole prompt is causal from its first key. A later chunk's queries sit at the end of the keys:
-        # CUDA's flash kernel aligns the causal mask there (lower right) with no mask built; the CPU's
-        # flash kernel has no such variant (it would fall to the math path) and takes the tiles below.
-        if kernel_is_fused(q, masked=False) and (n == ctx or q.device.type == "cuda"):
-            bias = lower_right_causal(n, ctx) if n < ctx else None
+        if n == ctx and kernel_is_fused(q, masked=False):  # a whole prompt: causal from its first key
             out[start:start + n] = F.scaled_dot_product_attention(
-                qs, k, v, attn_mask=bias, is_causal=bias is None, scale=scale, enable_gqa=True)[0].transpose(0, 1)
+                qs, k, v, is_causal=True, scale=scale, enable_gqa=True)[0].transpose(0, 1)
+            continue
+        o = flash_lower_right(qs, k, v, scale) if n < ctx else None  # a later chunk, on CUDA
+        if o is not None:
+            out[start:start + n] = o[0].transpose(0, 1)
             continue
         tile = QUERY_TILE if kernel_is_fused(q, masked=True) else max(1, SCORE_LIMIT // (q.shape[1] * ctx))
         for first in range(0, n, tile):  # query i sits at position ctx - n + i and sees keys up to it

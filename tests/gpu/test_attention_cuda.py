@@ -1,12 +1,13 @@
 """Paged attention on CUDA in half precision: a later prefill chunk runs in the flash kernel with its causal
-mask aligned to the last key (no mask built, no math path), and every path agrees with attention written
-out in float64."""
+mask aligned to the last key (no mask built, no math path), also under the activation profile's dispatch
+mode, and every path agrees with attention written out in float64."""
 import pytest
 import torch
 from torch.nn.attention import sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from torch_ellm.integrations.engine.attention import StepLayout, block_rows, paged_attention, step_backends
+from torch_ellm.integrations.engine.memory import _PeakBytes
 
 pytestmark = pytest.mark.gpu
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16  # Llama-3-8B's attention shapes
@@ -38,3 +39,6 @@ def test_prefill_chunks_take_flash_and_match_float64(n, ctx):
     expected = written_out(q[3:], cache, table, n, ctx)
     error = (out[3:].double().cpu() - expected).norm() / expected.norm()
     assert error < 1e-2, error
+    with _PeakBytes() as peak, sdpa_kernel(step_backends()):  # as the activation profile measures a step
+        again = paged_attention(q, cache, layout, HEAD_DIM ** -0.5)
+    assert peak.peak > 0 and torch.equal(again[3:], out[3:])
