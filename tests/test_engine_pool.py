@@ -248,3 +248,41 @@ def test_only_a_request_alone_borrows_past_the_slo_policys_host_buffer():
     assert llm.scheduler._allowance(a) == 32 * chunk  # alone: the whole host budget
     assert llm.scheduler._allowance(b) == chunk  # admitted beside a: the buffer
     llm.close()
+
+
+def test_engines_sharing_a_pool_each_add_and_take_back_only_their_own_room(smollm2, reference):
+    """keep_free_bytes is the pool's: a caller's setting made after an engine exists, and one engine's
+    room, survive the other engine's steps, idling and closing."""
+    pool = shared_pool()
+    first = smollm2_engine(smollm2, mode="elastic", pool=pool)
+    pool.set_policy(keep_free_bytes=4 * MB)  # the caller keeps 4 MB free, after the first engine was made
+    second = smollm2_engine(smollm2, mode="elastic", pool=pool)
+    outputs = {first: {}, second: {}}
+    ids = {llm: [llm.add_request(p, GREEDY) for p in PROMPTS] for llm in outputs}
+    while any(llm.has_unfinished_requests() for llm in outputs):
+        for llm in outputs:
+            if llm.has_unfinished_requests():
+                outputs[llm].update((o.request_id, o.token_ids) for o in llm.step())
+        rooms = first.memory.activation_room + second.memory.activation_room
+        assert pool.policy["keep_free_bytes"] == 4 * MB + rooms
+    for llm in outputs:
+        assert [outputs[llm][i] for i in ids[llm]] == reference
+    assert pool.policy["keep_free_bytes"] == 4 * MB  # both idle
+    first.close()
+    second.close()
+    assert pool.policy["keep_free_bytes"] == 4 * MB and pool.stats()["mapped_device_bytes"] == 0
+
+
+def test_a_static_engine_that_fails_to_map_its_pool_leaves_keep_free_bytes_as_it_was(smollm2, monkeypatch):
+    from torch_ellm.integrations.engine.kv_cache import KVCache
+
+    pool = shared_pool()
+    pool.set_policy(keep_free_bytes=MB)
+
+    def refuse(self, num_blocks):
+        raise torch.OutOfMemoryError("refused for the test")
+
+    monkeypatch.setattr(KVCache, "resize", refuse)
+    with pytest.raises(torch.OutOfMemoryError, match="refused"):
+        smollm2_engine(smollm2, mode="static", pool=pool)
+    assert pool.policy["keep_free_bytes"] == MB

@@ -57,7 +57,8 @@ def flash_lower_right(qs, k, v, scale):
     calls the kernel as SDPA's own causal_lower_right bias does, without that bias, a Tensor subclass that
     allocates an unused [2, queries, keys] buffer and cannot be made under the activation profile's
     dispatch mode."""
-    if qs.device.type != "cuda" or not can_use_flash_attention(SDPAParams(qs, k, v, None, 0.0, False, True), False):
+    if (qs.device.type != "cuda" or not kernel_is_fused(qs, masked=False)  # the op itself pads no head size
+            or not can_use_flash_attention(SDPAParams(qs, k, v, None, 0.0, False, True), False)):
         return None
     return torch.ops.aten._scaled_dot_product_flash_attention(qs, k, v, 0.0, True, False, scale=scale)[0]
 

@@ -109,15 +109,15 @@ class Memory:
 
     The pool may be shared. What other tenants map (weights, the caller's tensors) is not the engine's
     to use, what the pool's consumers would give back when asked (the allocator's cached blocks) is, and
-    a keep_free_bytes the pool has when the engine is made stays kept free for others, on top of the
-    engine's own headroom."""
+    the pool's keep_free_bytes beyond the engine's own room (set by the caller before or after the engine
+    was made, or another engine's room) stays kept free for others: the engine adds and takes back only
+    its own share."""
 
     def __init__(self, pool, kv_cache, profile, mode, max_batched_tokens, borrow=False):
         if mode not in ("static", "elastic"):
             raise ValueError(f"mode must be 'static' or 'elastic', got {mode!r}")
         self.pool, self.kv, self.profile, self.mode = pool, kv_cache, profile, mode
         self.borrow = borrow  # whether a step may run with some of its KV borrowed to host memory
-        self.kept_for_others = pool.policy["keep_free_bytes"]
         self.peak_activation_bytes = _round_up(profile.bytes_for(max_batched_tokens), pool.chunk_bytes)
         self.activation_room = 0  # what the pool keeps free for the step that runs (or ran last)
         self.released = False
@@ -128,8 +128,12 @@ class Memory:
                 raise ValueError(f"{self.budget_text()} cannot hold the activation peak "
                                  f"{self.peak_activation_bytes} B of {max_batched_tokens} batched tokens")
             self._keep_room(self.peak_activation_bytes)
-            self.static_blocks = self._blocks_within(self.device_room() - self._headroom(max_batched_tokens))
-            kv_cache.resize(self.static_blocks)
+            try:
+                self.static_blocks = self._blocks_within(self.device_room() - self._headroom(max_batched_tokens))
+                kv_cache.resize(self.static_blocks)
+            except BaseException:
+                self._keep_room(0)  # a failed engine leaves the pool's policy as it found it
+                raise
 
     def device_room(self):
         """Device bytes the engine may still map now."""
@@ -159,9 +163,14 @@ class Memory:
         """Bytes the pool keeps free for a step's activations."""
         return self.peak_activation_bytes if self.mode == "static" else self._step_activation_bytes(num_tokens)
 
+    @property
+    def kept_for_others(self):
+        """The pool's keep_free_bytes less the engine's own room: what it keeps free for others."""
+        return max(0, self.pool.policy["keep_free_bytes"] - self.activation_room)
+
     def _keep_room(self, nbytes):
-        self.activation_room = nbytes
         self.pool.set_policy(keep_free_bytes=self.kept_for_others + nbytes)
+        self.activation_room = nbytes
 
     def host_budget(self):
         """Host bytes a step's KV may borrow: none unless preempting by borrowing, and none where the
@@ -274,8 +283,9 @@ class Memory:
             self.pool.return_borrowed()
 
     def release(self):
-        """Give the KV cache back and the pool's keep_free_bytes as it was; releasing again does nothing."""
+        """Give the KV cache back and take the engine's room out of the pool's keep_free_bytes; releasing
+        again does nothing."""
         if not self.released:
             self.released = True
             self.kv.release()
-            self.pool.set_policy(keep_free_bytes=self.kept_for_others)
+            self._keep_room(0)
