@@ -6,6 +6,7 @@ import torch
 
 import torch_ellm
 from torch_ellm.integrations.engine.llm import LLM
+from torch_ellm.integrations.engine.memory import host_read_seconds
 from torch_ellm.integrations.engine.sampling_params import SamplingParams
 from test_engine import GREEDY, MB, PROMPTS, one_thread, reference, small_llama, smollm2_engine  # noqa: F401
 
@@ -286,3 +287,24 @@ def test_a_static_engine_that_fails_to_map_its_pool_leaves_keep_free_bytes_as_it
     with pytest.raises(torch.OutOfMemoryError, match="refused"):
         smollm2_engine(smollm2, mode="static", pool=pool)
     assert pool.policy["keep_free_bytes"] == MB
+
+
+def test_reading_borrowed_kv_costs_nothing_more_on_the_host_and_measuring_it_leaves_the_pool_as_it_was():
+    chunk = 256 << 10
+    pool = torch_ellm.Pool("host", budget_bytes=64 * chunk, host_budget_bytes=32 * chunk, chunk_bytes=chunk)
+    assert host_read_seconds(pool) == 0.0  # host memory both sides: the same reads
+    stats = pool.stats()
+    assert stats["mapped_device_bytes"] == 0 and pool.borrowed_bytes == 0 and stats["borrowed_peak_bytes"] > 0
+    llm = LLM(small_llama(512), pool=pool, policy="slo", preemption="borrow", block_size=16,
+              max_num_batched_tokens=64, max_model_len=512)
+    assert llm.cost.borrowed_byte_seconds == 0.0  # the SLO policy borrows as eLLM's logical buffer allows
+    llm.close()
+    assert host_read_seconds(torch_ellm.Pool("host", budget_bytes=64 * chunk, chunk_bytes=chunk)) is None  # no host
+    tenant = pool.virtual_tensor(63 * chunk, tag="weights")
+    tenant.resize(63 * chunk)
+    with pytest.warns(UserWarning, match="no free room to measure"):
+        crowded = LLM(small_llama(512), pool=pool, policy="slo", preemption="borrow", block_size=16,
+                      max_num_batched_tokens=64, max_model_len=512)
+    assert crowded.cost.borrowed_byte_seconds == 0.0 and pool.stats()["mapped_device_bytes"] == 63 * chunk
+    crowded.close()
+    tenant.release()

@@ -24,19 +24,22 @@ SCHEDULING = 2e-4  # seconds of engine work a step, outside the model
 MAX_LEN = 1024
 
 
-ENGINE = dict(max_model_len=MAX_LEN, max_num_batched_tokens=MAX_LEN, block_size=16, max_num_seqs=64)
+def engine_args(max_len=MAX_LEN):
+    return dict(max_model_len=max_len, max_num_batched_tokens=max_len, block_size=16, max_num_seqs=64)
+
+
 BUDGETS = {}
 
 
-def budget(model):
+def budget(model, max_len=MAX_LEN):
     """As the bench sizes a stack: static mode's activation reserve for a whole step plus KV for 4 full
     contexts, so static's batch is bounded by memory and full load saturates it."""
-    if id(model) not in BUDGETS:
-        probe = LLM(model, mode="elastic", budget_bytes=1 << 30, **ENGINE)
-        per_token = probe.kv_cache.block_bytes * len(probe.kv_cache.layers) // ENGINE["block_size"]
-        BUDGETS[id(model)] = probe.memory.peak_activation_bytes + 4 * MAX_LEN * per_token
+    if (id(model), max_len) not in BUDGETS:
+        probe = LLM(model, mode="elastic", budget_bytes=1 << 30, **engine_args(max_len))
+        per_token = probe.kv_cache.block_bytes * len(probe.kv_cache.layers) // 16
+        BUDGETS[id(model), max_len] = probe.memory.peak_activation_bytes + 4 * max_len * per_token
         probe.close()
-    return BUDGETS[id(model)]
+    return BUDGETS[id(model), max_len]
 
 
 def seconds(work):
@@ -55,7 +58,7 @@ class Clock:
 @pytest.fixture(scope="module")
 def model():
     config = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=MAX_LEN)  # the bench's
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2 * MAX_LEN)  # the bench's
     return LlamaForCausalLM(config).eval()
 
 
@@ -67,17 +70,24 @@ def clock(monkeypatch):
     return clock
 
 
-def serve(model, clock, mode, policy, requests, seed):
+def serve(model, clock, mode, policy, requests, seed, max_len=MAX_LEN, borrow=None):
     """Serve (arrival, prompt length, output length, ttft, tpot) requests on the simulated clock: the run's
-    summary."""
-    llm = LLM(model, mode=mode, policy=policy, budget_bytes=budget(model), **ENGINE)
+    summary. borrow: (seconds that reading a borrowed byte costs the simulated device, what the engine is
+    told it costs): preemption by borrowing, with a host budget of half the device's."""
+    options = dict(preemption="borrow", host_budget_bytes=budget(model, max_len) // 2) if borrow else {}
+    with pytest.MonkeyPatch.context() as patch:  # the engine measures the simulated device, not this one
+        patch.setattr(llm_module, "host_read_seconds", lambda pool: borrow[1])
+        llm = LLM(model, mode=mode, policy=policy, budget_bytes=budget(model, max_len), **engine_args(max_len),
+                  **options)
     jitter, tokens = random.Random(seed), random.Random(seed + 1)
+    per_borrowed_byte = borrow[0] if borrow else 0.0
 
     def run(chunks, kv_cache, before_layer=None):
         # Decodes attend as one padded batch: a cost the engine's model (pairs summed) does not have.
         contexts = [seq.num_computed + 1 for seq, n in chunks if is_decode(seq, n)]
         padding = PER_PAIR * (len(contexts) * max(contexts, default=0) - sum(contexts))
-        clock.now += (seconds(step_work(chunks)) + padding) * max(0.3, jitter.gauss(1, 0.1))
+        borrowed = per_borrowed_byte * kv_cache.host_bytes
+        clock.now += (seconds(step_work(chunks)) + padding + borrowed) * max(0.3, jitter.gauss(1, 0.1))
         return torch.zeros(len(chunks), model.config.vocab_size)
 
     llm.runner.run = run
@@ -94,6 +104,7 @@ def serve(model, clock, mode, policy, requests, seed):
         else:
             clock.now = max(clock.now, start + pending[0][0])
     summary = llm.metrics.summary()
+    summary["borrowed_bytes_total"] = llm.pool.stats()["borrowed_bytes_total"]
     llm.close()
     return summary
 
@@ -125,3 +136,29 @@ def test_slo_policy_meets_more_targets_than_fcfs_under_bursts(model, clock):
     # prompts can wait, and takes whole prefill steps where the decodes can absorb them.
     # (0.90 against 0.84 over 12 seeds, above FCFS for 11, level for 1; full load 0.72 against 0.22.)
     assert mean["half", "slo"] >= mean["half", "fcfs"] + 0.03
+
+
+def long_prompts(seed, max_len):
+    """The bench's long-prompt workload: 24 prompts of 60-90% of the context, 4-16 output tokens, at once."""
+    rng = random.Random(seed)
+    return [(0.0, rng.randint(max_len * 6 // 10, max_len * 9 // 10), rng.randint(4, 16), None, None)
+            for _ in range(24)]
+
+
+def test_the_slo_policy_borrows_only_where_reading_host_memory_pays(model, clock):
+    """Long prompts, no targets. Where reading borrowed KV costs about nothing (the CPU), the SLO policy
+    borrows and runs larger batches than FCFS. Where it costs what PCIe does relative to a step (here
+    1 ns a byte: the ~16 MiB of KV on the device would take 6 times a step's 2.76 ms fixed part, about the
+    ratio on the H100 run), borrowing slows every step more than the larger batch gains: priced, the
+    policy borrows nothing and takes no longer than FCFS; told it is free, it borrows and takes longer."""
+    max_len = 2 * MAX_LEN
+    for seed in range(2):
+        requests = long_prompts(seed, max_len)
+        run = lambda policy, borrow=None: serve(model, clock, "elastic", policy, requests, seed, max_len, borrow)
+        fcfs = run("fcfs")
+        free = run("slo", (0.0, 0.0))
+        assert free["borrowed_bytes_total"] > 0 and free["max_batch"] > fcfs["max_batch"]
+        priced = run("slo", (1e-9, 1e-9))
+        assert priced["borrowed_bytes_total"] == 0 and priced["wall_seconds"] <= 1.01 * fcfs["wall_seconds"]
+        unpriced = run("slo", (1e-9, 0.0))
+        assert unpriced["borrowed_bytes_total"] > 0 and unpriced["wall_seconds"] > priced["wall_seconds"]

@@ -16,7 +16,7 @@ def test_step_work_counts_tokens_and_attention_pairs():
     chunk = SimpleNamespace(num_computed=32)
     decode = SimpleNamespace(num_computed=99)
     # 10 fresh tokens: 55 causal pairs; 8 after 32: 8*32 + 36; 1 after 99: 100
-    assert step_work([(prefill, 10), (chunk, 8), (decode, 1)]) == (19, 55 + 292 + 100, 1, 2)
+    assert step_work([(prefill, 10), (chunk, 8), (decode, 1)]) == (19, 55 + 292 + 100, 1, 2, 0)  # borrowed: the engine's
 
 
 def test_fit_recovers_a_linear_cost_and_predicts():
@@ -115,6 +115,18 @@ def test_a_feature_that_fits_negative_is_dropped():
     coef = cost.coefficients()
     assert min(coef) >= 0 and coef[2] == 0
     assert cost.max_prefill(0, 0, 0, 10.0, 512) == 512  # everything fits a generous step
+
+
+def test_borrowed_bytes_are_priced_as_measured_and_left_out_of_the_fit():
+    cost = StepCost(min_steps=4, borrowed_byte_seconds=1e-10)  # 10 GB/s across PCIe, say
+    truth = lambda w: 0.002 + 1e-4 * w.tokens + 3e-4 * w.decodes + 1e-10 * w.borrowed
+    # Borrowing with the batch, as it goes: a fit of its own would split that arbitrarily.
+    for n in (1, 2, 4, 8, 16, 24, 32, 3):
+        work = StepWork(n, 100 * n, n, 0, borrowed=max(0, n - 8) * (16 << 20))
+        cost.observe(work, truth(work))
+    assert cost.predict(12, 1200, decodes=12) == pytest.approx(truth(StepWork(12, 1200, 12)), rel=1e-6)
+    assert cost.fixed_seconds() == pytest.approx(0.002, rel=1e-6)
+    assert cost.borrowed_seconds(1 << 30) == pytest.approx(0.1073741824)
 
 
 def request(prompt, tpot_slo=0.01, ttft_slo=1.0, arrival=0.0):
@@ -276,3 +288,40 @@ def test_the_room_is_priced_with_the_chunks_of_requests_prefilling_again():
     policy.cost.max_prefill = lambda *args: priced.append(args[5]) or max_prefill(*args)
     policy.prefill_tokens(512, [decode, again], [request(300, ttft_slo=0.05, arrival=1.0)], now=1.0)
     assert priced == [[25, 300]]
+
+
+def borrowing_policy(borrowed_byte_seconds, host_budget=1 << 30):
+    """fitted_policy() (1 ms a step, 50 us a token) with a host budget and a measured cost per borrowed byte."""
+    policy = SLOPolicy(StepCost(borrowed_byte_seconds=borrowed_byte_seconds), host_budget=host_budget,
+                       max_batched_tokens=512, max_num_seqs=32, min_prefill_tokens=16)
+    for tokens in (1, 4, 16, 64, 128, 256, 4, 32):
+        observe(policy, 0.001 + 5e-5 * tokens, StepWork(tokens, 0, 0), [], [], now=1.0)
+    return policy
+
+
+def test_borrowing_is_allowed_where_it_raises_decode_throughput():
+    """Without targets: reading the device's 100 MB of KV from host memory would take 2 ms at 2e-11 s a
+    byte, at 1e-12 0.1 ms. Against the 1 ms fixed part of a step: borrowing more requests beside those
+    running lowers the time per token only in the second case."""
+    running = [decoding(first_token_time=1.0, tpot_slo=None) for _ in range(4)]
+    assert borrowing_policy(2e-11).borrow_allowance(1 << 30, running, 100_000_000, now=1.0) == 0
+    assert borrowing_policy(1e-12).borrow_allowance(1 << 30, running, 100_000_000, now=1.0) == 1 << 30
+    assert borrowing_policy(0.0).borrow_allowance(1 << 30, running, 100_000_000, now=1.0) == 1 << 30  # free
+    halved = borrowing_policy(1e-12)
+    halved.host_buffer = 1 << 29  # what breaches left of eLLM's logical buffer still bounds it
+    assert halved.borrow_allowance(1 << 30, running, 100_000_000, now=1.0) == 1 << 29
+    unfitted = SLOPolicy(StepCost(borrowed_byte_seconds=1e-12), host_budget=1 << 30, max_batched_tokens=512,
+                         max_num_seqs=32, min_prefill_tokens=16)
+    assert unfitted.borrow_allowance(1 << 30, running, 100_000_000, now=1.0) == 0  # nothing to judge by yet
+    free = SLOPolicy(StepCost(), host_budget=1 << 30, max_batched_tokens=512, max_num_seqs=32, min_prefill_tokens=16)
+    assert free.borrow_allowance(1 << 30, running, 100_000_000, now=1.0) == 1 << 30
+
+
+def test_borrowing_beside_tpot_targets_keeps_the_decode_step_within_them():
+    """4 decodes: 1.2 ms a step. Within 0.8 of a 2 ms target, 0.4 ms is left to read borrowed KV: 40 MB at
+    1e-11 s a byte. With a 1.5 ms target nothing is left."""
+    policy = borrowing_policy(1e-11)
+    running = [decoding(first_token_time=1.0, tpot_slo=0.002) for _ in range(4)]
+    assert policy.borrow_allowance(1 << 30, running, 100_000_000, now=1.0) == pytest.approx(40_000_000, rel=1e-6)
+    tight = [decoding(first_token_time=1.0, tpot_slo=0.0015) for _ in range(4)]
+    assert policy.borrow_allowance(1 << 30, tight, 100_000_000, now=1.0) == 0

@@ -13,7 +13,7 @@ from torch_ellm.errors import OutOfMemoryError
 from torch_ellm.pool import Pool
 from .block_manager import BlockManager
 from .kv_cache import KVCache
-from .memory import ActivationProfile, Memory
+from .memory import ActivationProfile, Memory, host_read_seconds
 from .metrics import RunMetrics, request_metrics
 from .model_runner import ModelRunner
 from .policy import FCFSPolicy, SLOPolicy
@@ -102,6 +102,9 @@ class LLM:
         elif pool.device != device:
             raise ValueError(f"the pool is on {pool.device} but the model on {device}")
         self.pool = pool
+        # Before any KV is mapped: the measurement needs free room.
+        borrows = preemption == "borrow" and pool.host_tier == "mapped" and pool.host_budget_bytes
+        borrowed_byte_seconds = self._host_read_seconds() if borrows else 0.0
         self.profile = activation_profile or self._profile(runner, backend, block_size, max_num_batched_tokens)
         block_bytes = runner.num_layers * 2 * block_size * runner.num_kv_heads * runner.head_dim * runner.dtype.itemsize
         max_blocks = (self.pool.budget_bytes + self.pool.host_budget_bytes) // block_bytes + 1
@@ -116,7 +119,7 @@ class LLM:
         self.blocks = BlockManager(block_size, max_blocks, enable_prefix_caching,
                                    mapped_blocks=lambda: self.kv_cache.num_blocks)
         self.kv_cache.on_shrink = self.blocks.forget_unmapped
-        self.cost = StepCost()  # seconds per step from its work, fitted as the engine runs
+        self.cost = StepCost(borrowed_byte_seconds=borrowed_byte_seconds)  # fitted as the engine runs
         self.swap = SwapSpace(self.pool, self.kv_cache, self.cost)
         if preemption in ("swap", "borrow", "auto") and not self.pool.host_budget_bytes:
             warnings.warn(f"preemption={preemption!r} but the pool has no host budget: preempted requests will be "
@@ -149,6 +152,16 @@ class LLM:
             raise
         finally:
             scratch.release()
+
+    def _host_read_seconds(self):
+        """What a step pays for each byte of KV it reads in host memory (borrowed), measured now; 0 with a
+        warning where the pool has no room to measure it (borrowing is then priced as free)."""
+        seconds = host_read_seconds(self.pool)
+        if seconds is None:
+            warnings.warn("preemption='borrow': the pool had no free room to measure what reading borrowed KV "
+                          "costs; the SLO policy prices it as free")
+            return 0.0
+        return seconds
 
     # ---- online API ----
 
@@ -252,6 +265,7 @@ class LLM:
         if self.runner.device.type == "cuda":  # a step that samples nothing would leave its kernels running into
             torch.cuda.synchronize(self.runner.device)  # the next step's timing (overhead, and the cost model)
         model_end = time.perf_counter()
+        work = work._replace(borrowed=self.kv_cache.host_bytes)  # what the step read in host memory
         held = self._memory_held(swapped_bytes)  # before end_step, which may give memory back
         memory_start = time.perf_counter()
         self.memory.end_step(self.blocks.high_water, idle=not self._requests)

@@ -14,12 +14,15 @@ the pool, into that room; elsewhere the framework's own allocator holds them bes
 then leaves their bytes of its budget unused (mapping a stand-in would take them twice, and cost a
 driver call a chunk)."""
 import bisect
+import time
+import traceback
 import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from torch_ellm.errors import OutOfMemoryError
 
 
 def _round_up(n, unit):
@@ -100,6 +103,49 @@ class ActivationProfile:
         i = min(max(bisect.bisect_left(xs, num_tokens), 1), len(xs) - 1)
         (t0, t1), (b0, b1) = xs[i - 1:i + 1], ys[i - 1:i + 1]
         return max(0, -(-(b0 * (t1 - num_tokens) + b1 * (num_tokens - t0)) // (t1 - t0)))
+
+
+def host_read_seconds(pool, most_bytes=32 << 20, repeats=7):
+    """Seconds that reading a byte of KV borrowed to host memory takes beyond reading it on the device
+    (across PCIe on a GPU; nothing on the CPU, where both are host memory): what attention pays a step
+    for each borrowed byte. Measured on a scratch tensor of the pool, half of it moved to host memory at
+    the same address, the halves read in turn. At most most_bytes, within the room the pool has free on
+    both sides without asking anyone to give memory up; None where that is not two chunks, or where the
+    pool parks host memory unmapped (nothing reads it in place there)."""
+    if pool.host_tier != "mapped":
+        return None
+    device_free = pool.budget_bytes - pool.mapped_device_bytes - pool.policy["keep_free_bytes"]
+    host_free = pool.host_budget_bytes - pool.borrowed_bytes - pool.host_buffer_bytes
+    half = min(most_bytes // 2, device_free // 2, host_free) // pool.chunk_bytes * pool.chunk_bytes
+    if half <= 0:
+        return None
+    scratch = pool.virtual_tensor(2 * half, tag="kv")
+    try:
+        return _extra_read_seconds(scratch, half, repeats)
+    except OutOfMemoryError as e:  # another user of the pool took the room meanwhile
+        traceback.clear_frames(e.__traceback__)  # their views of scratch would refuse the release
+        return None
+    finally:
+        scratch.release()
+
+
+def _extra_read_seconds(scratch, half, repeats):
+    scratch.resize(2 * half)
+    if scratch.offload(half, 2 * half) < half:
+        return None
+    on_device, in_host = (scratch.as_tensor((half // 4,), torch.float32, offset) for offset in (0, half))
+    on_device.fill_(1.0)
+    in_host.fill_(1.0)
+    best = [float("inf")] * 2
+    for _ in range(repeats):  # in turn, the fastest of each: the first read may pay for faults, noise is slower
+        for i, view in enumerate((on_device, in_host)):
+            if view.is_cuda:
+                torch.cuda.synchronize(view.device)
+            start = time.perf_counter()
+            view.sum().item()
+            best[i] = min(best[i], time.perf_counter() - start)
+    extra = best[1] - best[0]
+    return extra / half if extra > 0.5 * best[0] else 0.0  # within half: the same memory, and noise
 
 
 class Memory:

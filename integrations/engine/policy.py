@@ -1,5 +1,5 @@
 """Scheduling policies: what the scheduler asks before each step (order of admission, prefill tokens,
-how many may run, how much KV may be borrowed) and what it tells after (observe)."""
+how many may run, how much KV may be swapped or borrowed) and what it tells after (observe)."""
 import heapq
 from collections import deque
 
@@ -19,6 +19,9 @@ class FCFSPolicy:
         return max_num_seqs
 
     def host_allowance(self, host_budget):
+        return host_budget
+
+    def borrow_allowance(self, host_budget, running, kv_device_bytes, now):
         return host_budget
 
     def observe(self, step_seconds, work, decoding, waiting, now):
@@ -235,7 +238,30 @@ class SLOPolicy:
         return self.cost.max_decodes([len(seq) for seq in queue], seconds)
 
     def host_allowance(self, host_budget):
+        """Host bytes of KV that may be swapped or borrowed to run requests side by side: the logical host
+        buffer."""
         return min(self.host_buffer, host_budget)
+
+    def borrow_allowance(self, host_budget, running, kv_device_bytes, now):
+        """Host bytes of KV the coming step may read in place (borrowed) to run requests side by side: the
+        logical host buffer, within what the cost model says reading them is worth (our addition; eLLM's
+        buffer sees only breaches). With TPOT targets running, the bytes whose reading keeps the running
+        requests' decode step within `slack` of the tightest target still in reach. Without, borrowing
+        pays only if it raises decode throughput: with D bytes of the running requests' KV on the device
+        and k more requests borrowed, a step's time per token, (fixed + c * borrowed bytes) / (n + k) plus
+        the costs per request, falls with k exactly when reading D from host memory would cost less than
+        the step's fixed part (c * D < fixed), whatever k: then all of the buffer, else none. None until
+        the model is ready, unless reading host memory costs nothing more (the CPU)."""
+        allowance = self.host_allowance(host_budget)
+        if not allowance or self.cost.borrowed_seconds(1) <= 0:  # host memory reads as fast: borrowing is free
+            return allowance
+        if not self.cost.ready:
+            return 0
+        targets = [s.tpot_slo for s in running if s.tpot_slo is not None and _on_time(s)]
+        if targets:
+            spare = self.slack * min(targets) - self.cost.decode_seconds(len(running), sum(map(len, running)))
+            return min(allowance, max(0, int(spare / self.cost.borrowed_seconds(1))))
+        return allowance if self.cost.borrowed_seconds(kv_device_bytes) < self.cost.fixed_seconds() else 0
 
     def observe(self, step_seconds, work, decoding, waiting, now):
         """step_seconds: how long the step took; work: its step_work(); decoding: the requests it decoded;

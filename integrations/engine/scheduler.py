@@ -25,6 +25,7 @@ class Scheduler:
         self._prefill_budget = max_batched_tokens  # this step's, from the policy
         self._fitted = None  # (high water, step bytes, allowance) that fit in this step's schedule so far
         self._host_budget = 0  # memory.host_budget() when this step's schedule began
+        self._borrow_allowance = 0  # the policy's, for this step
         # Memory cut short a request the step runs (a smaller chunk than it asked): no newcomer joins it,
         # and with prefill_first the next step runs the decodes first.
         self._squeezed = False
@@ -41,7 +42,7 @@ class Scheduler:
         if self.preemption != "borrow":
             return 0
         alone = all(other is seq for other in self.running)
-        return self._host_budget if alone else self.policy.host_allowance(self._host_budget)
+        return self._host_budget if alone else self._borrow_allowance
 
     def _take(self, seq, n, tokens, whole=False):
         """Give seq blocks for n more tokens, or for a smaller prefill chunk (halving: fewer tokens need
@@ -132,6 +133,9 @@ class Scheduler:
         whose prefill memory cut short, the decodes run alone first."""
         chunks, preemptions = [], self.num_preemptions
         self.swapped_in, self._fitted, self._host_budget = [], None, self.memory.host_budget()
+        if self._host_budget:
+            self._borrow_allowance = self.policy.borrow_allowance(self._host_budget, self.running,
+                                                                  self.memory.kv.device_bytes, time.perf_counter())
         squeezed, self._squeezed = self._squeezed, False
         if self.prefill_first and squeezed:
             # Memory cut the last step's prefill short while decodes hold it: they run now, and as they

@@ -1,6 +1,7 @@
 """What a step costs: its seconds predicted from the work it runs, fitted online over recent steps. The
-SLO policy asks it how many prefill tokens fit beside a step's decodes within a TPOT target, and
-preemption="auto" what prefilling a preempted request's tokens again would cost."""
+SLO policy asks it how many prefill tokens fit beside a step's decodes within a TPOT target and what
+reading borrowed KV in host memory adds to a step, and preemption="auto" what prefilling a preempted
+request's tokens again would cost."""
 import bisect
 import itertools
 from typing import NamedTuple
@@ -14,6 +15,7 @@ class StepWork(NamedTuple):
     pairs: int         # query-key pairs attention scores
     decodes: int       # sequences decoding one token (the rest of the tokens are prefill)
     prefills: int = 0  # sequences running a prefill chunk
+    borrowed: int = 0  # KV bytes in host memory while the step ran, which attention reads there
 
 
 def chunk_pairs(n, computed):
@@ -32,21 +34,35 @@ def step_work(chunks):
 
 class StepCost(LinearFit):
     """seconds = fixed + per_token * tokens + per_pair * pairs + per_prefill * prefills + per_decode *
-    decodes, fitted over the last `window` steps with prefill and the last `window` without. The costs
-    per sequence are what tokens and pairs miss: attention runs once for each prefill and gathers each
-    decode's blocks (on the CPU a decode token costs some three to four prefill tokens; a model of tokens alone
-    put that in the fixed part)."""
+    decodes, fitted over the last `window` steps with prefill and the last `window` without, plus
+    what reading borrowed KV in host memory costs. The costs per sequence are what tokens and pairs
+    miss: attention runs once for each prefill and gathers each decode's blocks (on the CPU a decode
+    token costs some three to four prefill tokens; a model of tokens alone put that in the fixed part).
 
-    def __init__(self, window=64, min_steps=8, refit=8):
+    The cost per borrowed byte is measured, not fitted (host_read_seconds(), at start-up): KV is borrowed
+    when contexts are long and batches large, and a fit cannot tell those apart (on the CPU, where host
+    memory is all there is, it put 0.73 ns on every borrowed byte)."""
+
+    def __init__(self, window=64, min_steps=8, refit=8, borrowed_byte_seconds=0.0):
         super().__init__(5, window, min_steps, refit)
+        self.borrowed_byte_seconds = borrowed_byte_seconds
 
     def observe(self, work, seconds):
         # A long decode-only stretch would otherwise leave tokens and decodes inseparable just as a
         # burst of prompts arrives.
+        seconds -= self.borrowed_seconds(work.borrowed)
         self.add((1, work.tokens, work.pairs, work.prefills, work.decodes), seconds, kind=work.prefills > 0)
 
     def predict(self, tokens, pairs, decodes=0, prefills=0):
         return self.estimate((1, tokens, pairs, prefills, decodes))
+
+    def fixed_seconds(self):
+        """The part of every step's time that no work adds to (on a GPU, mostly reading the weights)."""
+        return self.coefficients()[0]
+
+    def borrowed_seconds(self, nbytes):
+        """What reading nbytes of KV in host memory adds to a step."""
+        return self.borrowed_byte_seconds * nbytes
 
     def decode_seconds(self, count, pairs):
         """A step of count decodes alone, scoring pairs in all."""
