@@ -308,3 +308,17 @@ def test_reading_borrowed_kv_costs_nothing_more_on_the_host_and_measuring_it_lea
     assert crowded.cost.borrowed_byte_seconds == 0.0 and pool.stats()["mapped_device_bytes"] == 63 * chunk
     crowded.close()
     tenant.release()
+
+
+def test_measuring_borrowed_reads_asks_no_one_for_memory():
+    """The pool counts whole chunks: a budget of 14.9 and keep_free of 0.1 chunk leave 13 free beside a
+    tenant's one, not 13.8. A probe sized by the bytes would make the pool move the tenant to host memory."""
+    chunk = 256 << 10
+    pool = torch_ellm.Pool("host", budget_bytes=149 * chunk // 10, host_budget_bytes=32 * chunk, chunk_bytes=chunk)
+    pool.set_policy(keep_free_bytes=chunk // 10)
+    tenant = pool.virtual_tensor(chunk, tag="kv")
+    tenant.resize(chunk)
+    assert host_read_seconds(pool) == 0.0
+    stats = pool.stats()
+    assert stats["num_borrows"] == 0 and stats["num_deflations"] == 0 and tenant.host_bytes == 0
+    tenant.release()

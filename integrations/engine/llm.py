@@ -103,8 +103,8 @@ class LLM:
             raise ValueError(f"the pool is on {pool.device} but the model on {device}")
         self.pool = pool
         # Before any KV is mapped: the measurement needs free room.
-        borrows = preemption == "borrow" and pool.host_tier == "mapped" and pool.host_budget_bytes
-        borrowed_byte_seconds = self._host_read_seconds() if borrows else 0.0
+        prices = policy == "slo" and preemption == "borrow" and pool.host_tier == "mapped" and pool.host_budget_bytes
+        borrowed_byte_seconds = self._host_read_seconds() if prices else 0.0
         self.profile = activation_profile or self._profile(runner, backend, block_size, max_num_batched_tokens)
         block_bytes = runner.num_layers * 2 * block_size * runner.num_kv_heads * runner.head_dim * runner.dtype.itemsize
         max_blocks = (self.pool.budget_bytes + self.pool.host_budget_bytes) // block_bytes + 1
@@ -226,6 +226,7 @@ class LLM:
     def step(self):
         """Run one batch; returns a RequestOutput for every request that produced a token or finished."""
         start, swapped_out = time.perf_counter(), self.swap.out_seconds
+        self.cost.borrowed_now = self.kv_cache.host_bytes
         chunks = self.scheduler.schedule()
         if not chunks:
             if self.scheduler.has_work():

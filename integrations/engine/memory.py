@@ -105,18 +105,24 @@ class ActivationProfile:
         return max(0, -(-(b0 * (t1 - num_tokens) + b1 * (num_tokens - t0)) // (t1 - t0)))
 
 
-def host_read_seconds(pool, most_bytes=32 << 20, repeats=7):
+def host_read_seconds(pool, most_bytes=None, repeats=7):
     """Seconds that reading a byte of KV borrowed to host memory takes beyond reading it on the device
     (across PCIe on a GPU; nothing on the CPU, where both are host memory): what attention pays a step
     for each borrowed byte. Measured on a scratch tensor of the pool, half of it moved to host memory at
-    the same address, the halves read in turn. At most most_bytes, within the room the pool has free on
-    both sides without asking anyone to give memory up; None where that is not two chunks, or where the
-    pool parks host memory unmapped (nothing reads it in place there)."""
+    the same address, the halves read in turn. At most most_bytes (on CUDA 256 MiB: each half must
+    outgrow the GPU's L2 cache, some 50 MB, which caches host memory too; 32 MiB on the host), within
+    the whole chunks the pool has free on both sides without asking anyone to give memory up. None
+    where that is not two chunks, where the pool parks host memory unmapped (nothing reads it in place
+    there), or where another user of the pool moved the scratch meanwhile."""
     if pool.host_tier != "mapped":
         return None
-    device_free = pool.budget_bytes - pool.mapped_device_bytes - pool.policy["keep_free_bytes"]
+    most_bytes = most_bytes or (256 << 20 if pool.backend == "cuda" else 32 << 20)
+    chunk = pool.chunk_bytes
+    # In whole chunks, as the pool counts: the budget's, less keep_free_bytes rounded up.
+    device_free = (pool.budget_bytes // chunk - pool.mapped_device_bytes // chunk
+                   - -(-pool.policy["keep_free_bytes"] // chunk)) * chunk
     host_free = pool.host_budget_bytes - pool.borrowed_bytes - pool.host_buffer_bytes
-    half = min(most_bytes // 2, device_free // 2, host_free) // pool.chunk_bytes * pool.chunk_bytes
+    half = min(most_bytes // 2, device_free // 2, host_free) // chunk * chunk
     if half <= 0:
         return None
     scratch = pool.virtual_tensor(2 * half, tag="kv")
@@ -125,6 +131,9 @@ def host_read_seconds(pool, most_bytes=32 << 20, repeats=7):
     except OutOfMemoryError as e:  # another user of the pool took the room meanwhile
         traceback.clear_frames(e.__traceback__)  # their views of scratch would refuse the release
         return None
+    except BaseException as e:
+        traceback.clear_frames(e.__traceback__)
+        raise
     finally:
         scratch.release()
 
@@ -144,6 +153,8 @@ def _extra_read_seconds(scratch, half, repeats):
             start = time.perf_counter()
             view.sum().item()
             best[i] = min(best[i], time.perf_counter() - start)
+    if scratch.host_bytes != half:  # another engine's end_step brought it back: not what was measured
+        return None
     extra = best[1] - best[0]
     return extra / half if extra > 0.5 * best[0] else 0.0  # within half: the same memory, and noise
 

@@ -245,21 +245,23 @@ class SLOPolicy:
     def borrow_allowance(self, host_budget, running, kv_device_bytes, now):
         """Host bytes of KV the coming step may read in place (borrowed) to run requests side by side: the
         logical host buffer, within what the cost model says reading them is worth (our addition; eLLM's
-        buffer sees only breaches). With TPOT targets running, the bytes whose reading keeps the running
-        requests' decode step within `slack` of the tightest target still in reach. Without, borrowing
-        pays only if it raises decode throughput: with D bytes of the running requests' KV on the device
-        and k more requests borrowed, a step's time per token, (fixed + c * borrowed bytes) / (n + k) plus
-        the costs per request, falls with k exactly when reading D from host memory would cost less than
-        the step's fixed part (c * D < fixed), whatever k: then all of the buffer, else none. None until
-        the model is ready, unless reading host memory costs nothing more (the CPU)."""
+        buffer sees only breaches). With TPOT targets running, the bytes more whose reading keeps the
+        decode step of those decoding (the KV borrowed already priced in) within `slack` of the tightest
+        of their targets. Without, borrowing pays only if it raises decode throughput: with D bytes of
+        the running requests' KV on the device (kv_device_bytes, at most) and k more requests of their mean size
+        borrowed, a step's time per token, (fixed + c * borrowed bytes) / (n + k) plus the costs per
+        request, falls with k exactly when reading D from host memory would cost less than the step's
+        fixed part (c * D < fixed), whatever k: then all of the buffer, else none. None until the model
+        is ready, unless reading host memory costs nothing more (the CPU)."""
         allowance = self.host_allowance(host_budget)
         if not allowance or self.cost.borrowed_seconds(1) <= 0:  # host memory reads as fast: borrowing is free
             return allowance
         if not self.cost.ready:
             return 0
-        targets = [s.tpot_slo for s in running if s.tpot_slo is not None and _on_time(s)]
+        decoders = [s for s in running if s.first_token_time is not None]
+        targets = [s.tpot_slo for s in decoders if s.tpot_slo is not None and _on_time(s)]
         if targets:
-            spare = self.slack * min(targets) - self.cost.decode_seconds(len(running), sum(map(len, running)))
+            spare = self.slack * min(targets) - self.cost.decode_seconds(len(decoders), sum(map(len, decoders)))
             return min(allowance, max(0, int(spare / self.cost.borrowed_seconds(1))))
         return allowance if self.cost.borrowed_seconds(kv_device_bytes) < self.cost.fixed_seconds() else 0
 

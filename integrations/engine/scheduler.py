@@ -133,9 +133,10 @@ class Scheduler:
         whose prefill memory cut short, the decodes run alone first."""
         chunks, preemptions = [], self.num_preemptions
         self.swapped_in, self._fitted, self._host_budget = [], None, self.memory.host_budget()
-        if self._host_budget:
-            self._borrow_allowance = self.policy.borrow_allowance(self._host_budget, self.running,
-                                                                  self.memory.kv.device_bytes, time.perf_counter())
+        # The KV's device bytes stand for the running requests': more (its free tail, cached blocks), so
+        # they err towards borrowing less.
+        self._borrow_allowance = self._host_budget and self.policy.borrow_allowance(
+            self._host_budget, self.running, self.memory.kv.device_bytes, time.perf_counter())
         squeezed, self._squeezed = self._squeezed, False
         if self.prefill_first and squeezed:
             # Memory cut the last step's prefill short while decodes hold it: they run now, and as they

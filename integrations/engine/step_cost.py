@@ -46,6 +46,7 @@ class StepCost(LinearFit):
     def __init__(self, window=64, min_steps=8, refit=8, borrowed_byte_seconds=0.0):
         super().__init__(5, window, min_steps, refit)
         self.borrowed_byte_seconds = borrowed_byte_seconds
+        self.borrowed_now = 0  # KV bytes in host memory as the coming step is planned: every step pays them
 
     def observe(self, work, seconds):
         # A long decode-only stretch would otherwise leave tokens and decodes inseparable just as a
@@ -54,10 +55,11 @@ class StepCost(LinearFit):
         self.add((1, work.tokens, work.pairs, work.prefills, work.decodes), seconds, kind=work.prefills > 0)
 
     def predict(self, tokens, pairs, decodes=0, prefills=0):
-        return self.estimate((1, tokens, pairs, prefills, decodes))
+        return self.estimate((1, tokens, pairs, prefills, decodes)) + self.borrowed_seconds(self.borrowed_now)
 
     def fixed_seconds(self):
-        """The part of every step's time that no work adds to (on a GPU, mostly reading the weights)."""
+        """The part of every step's time that no work adds to (on a GPU, mostly reading the weights), less
+        the borrowed KV."""
         return self.coefficients()[0]
 
     def borrowed_seconds(self, nbytes):
@@ -77,7 +79,7 @@ class StepCost(LinearFit):
         """What prefilling each of seqs' uncomputed tokens adds to steps of step_tokens tokens, with its
         share of the steps' fixed cost. Asked for a whole queue every step: the formula written out."""
         fixed, per_token, per_pair, per_prefill, _ = self.coefficients()
-        per_token += fixed / step_tokens
+        per_token += (fixed + self.borrowed_seconds(self.borrowed_now)) / step_tokens
         out = []
         for seq in seqs:
             n = seq.num_uncomputed
@@ -89,6 +91,7 @@ class StepCost(LinearFit):
         and still be predicted to take at most `seconds`; the first always. Asked for every candidate
         every step: the model's formula written out, without a call each."""
         fixed, per_token, per_pair, _, per_decode = self.coefficients()
+        fixed += self.borrowed_seconds(self.borrowed_now)
         count, pairs = 0, 0
         for context in contexts:
             pairs += context
