@@ -125,6 +125,21 @@ def test_borrowing_moves_kv_before_the_step_grows_it():
     assert [len(tokens) for tokens in outputs] == [32, 1]
 
 
+def test_the_cost_model_is_told_the_kv_each_step_read_in_host_memory():
+    model, chunk = small_llama(512), 64 << 10
+    pool = torch_ellm.Pool("host", budget_bytes=7 * chunk, host_budget_bytes=4 * chunk, chunk_bytes=chunk)
+    llm = LLM(model, pool=pool, mode="elastic", preemption="borrow", block_size=16, max_num_batched_tokens=64,
+              max_model_len=512)
+    seen, observe = [], llm.cost.observe
+    llm.cost.observe = lambda work, seconds: seen.append(work.borrowed) or observe(work, seconds)
+    prompts = [[i % 128 for i in range(256)], [(7 + i) % 128 for i in range(288)]]
+    params = [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0) for n in (32, 1)]
+    llm.generate(prompts, params, use_tqdm=False)
+    # The KV is the pool's only borrowable tenant: each step's borrowed bytes are its KV's.
+    assert max(seen) == llm.metrics.summary()["peak_borrowed_bytes"] > 0 and min(seen) == 0
+    llm.close()
+
+
 @pytest.mark.parametrize("prefill_first", [False, True])
 def test_a_request_crowded_out_while_running_alone_waits_instead_of_preempting_itself_for_ever(prefill_first):
     """A tenant grows while one request decodes; its next block no longer fits even alone. It preempts

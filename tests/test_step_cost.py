@@ -127,6 +127,12 @@ def test_borrowed_bytes_are_priced_as_measured_and_left_out_of_the_fit():
     assert cost.predict(12, 1200, decodes=12) == pytest.approx(truth(StepWork(12, 1200, 12)), rel=1e-6)
     assert cost.fixed_seconds() == pytest.approx(0.002, rel=1e-6)
     assert cost.borrowed_seconds(1 << 30) == pytest.approx(0.1073741824)
+    # KV borrowed as the next step is planned: every step pays for reading it, decodes alone too.
+    alone, extra = cost.max_decodes([100] * 64, 0.02), cost.extra_seconds(12, 1200)
+    cost.borrowed_now = 64 << 20  # 6.7 ms
+    assert cost.decode_seconds(12, 1200) == pytest.approx(truth(StepWork(12, 1200, 12, 0, 64 << 20)), rel=1e-6)
+    assert cost.extra_seconds(12, 1200) == pytest.approx(extra)  # the step pays it, not what a prefill adds
+    assert cost.max_decodes([100] * 64, 0.02) < alone
 
 
 def request(prompt, tpot_slo=0.01, ttft_slo=1.0, arrival=0.0):

@@ -64,3 +64,17 @@ def test_seeded_sampling_on_cuda_repeats(model):
     first, second = llm.generate([[1, 2, 3], [1, 2, 3]], params, use_tqdm=False)
     assert first.token_ids == second.token_ids and len(first.token_ids) == 8
     llm.close()
+
+
+def test_reading_borrowed_kv_is_priced_at_pcie_speed():
+    """The SLO policy's price of a borrowed byte (memory.host_read_seconds) on the GPU: host memory read in
+    place across PCIe, well below HBM's speed; the pool left as it was."""
+    from torch_ellm.integrations.engine.memory import host_read_seconds
+
+    pool = torch_ellm.Pool("cuda", device=0, budget_bytes=1 << 30, host_budget_bytes=512 * MiB)
+    if pool.host_tier != "mapped":
+        pytest.skip("this driver offers no host-mapped chunks: nothing is read in place")
+    seconds = host_read_seconds(pool)
+    assert seconds is not None and seconds > 0
+    assert 1e9 < 1 / seconds < 200e9  # bytes a second the reads lose: PCIe's order, not HBM's
+    assert pool.mapped_device_bytes == 0 and pool.borrowed_bytes == 0
