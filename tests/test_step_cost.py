@@ -310,17 +310,17 @@ def test_borrowing_is_allowed_where_it_raises_decode_throughput():
     byte, at 1e-12 0.1 ms. Against the 1 ms fixed part of a step: borrowing more requests beside those
     running lowers the time per token only in the second case."""
     running = [decoding(first_token_time=1.0, tpot_slo=None) for _ in range(4)]
-    assert borrowing_policy(2e-11).borrow_allowance(1 << 30, running, 100_000_000, now=1.0) == 0
-    assert borrowing_policy(1e-12).borrow_allowance(1 << 30, running, 100_000_000, now=1.0) == 1 << 30
-    assert borrowing_policy(0.0).borrow_allowance(1 << 30, running, 100_000_000, now=1.0) == 1 << 30  # free
+    assert borrowing_policy(2e-11).borrow_allowance(1 << 30, running, 100_000_000) == 0
+    assert borrowing_policy(1e-12).borrow_allowance(1 << 30, running, 100_000_000) == 1 << 30
+    assert borrowing_policy(0.0).borrow_allowance(1 << 30, running, 100_000_000) == 1 << 30  # free
     halved = borrowing_policy(1e-12)
     halved.host_buffer = 1 << 29  # what breaches left of eLLM's logical buffer still bounds it
-    assert halved.borrow_allowance(1 << 30, running, 100_000_000, now=1.0) == 1 << 29
+    assert halved.borrow_allowance(1 << 30, running, 100_000_000) == 1 << 29
     unfitted = SLOPolicy(StepCost(borrowed_byte_seconds=1e-12), host_budget=1 << 30, max_batched_tokens=512,
                          max_num_seqs=32, min_prefill_tokens=16)
-    assert unfitted.borrow_allowance(1 << 30, running, 100_000_000, now=1.0) == 0  # nothing to judge by yet
+    assert unfitted.borrow_allowance(1 << 30, running, 100_000_000) == 0  # nothing to judge by yet
     free = SLOPolicy(StepCost(), host_budget=1 << 30, max_batched_tokens=512, max_num_seqs=32, min_prefill_tokens=16)
-    assert free.borrow_allowance(1 << 30, running, 100_000_000, now=1.0) == 1 << 30
+    assert free.borrow_allowance(1 << 30, running, 100_000_000) == 1 << 30
 
 
 def test_borrowing_beside_tpot_targets_keeps_the_decode_step_within_them():
@@ -328,6 +328,6 @@ def test_borrowing_beside_tpot_targets_keeps_the_decode_step_within_them():
     1e-11 s a byte. With a 1.5 ms target nothing is left."""
     policy = borrowing_policy(1e-11)
     running = [decoding(first_token_time=1.0, tpot_slo=0.002) for _ in range(4)]
-    assert policy.borrow_allowance(1 << 30, running, 100_000_000, now=1.0) == pytest.approx(40_000_000, rel=1e-6)
+    assert policy.borrow_allowance(1 << 30, running, 100_000_000) == pytest.approx(40_000_000, rel=1e-6)
     tight = [decoding(first_token_time=1.0, tpot_slo=0.0015) for _ in range(4)]
-    assert policy.borrow_allowance(1 << 30, tight, 100_000_000, now=1.0) == 0
+    assert policy.borrow_allowance(1 << 30, tight, 100_000_000) == 0

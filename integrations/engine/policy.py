@@ -21,7 +21,7 @@ class FCFSPolicy:
     def host_allowance(self, host_budget):
         return host_budget
 
-    def borrow_allowance(self, host_budget, running, kv_device_bytes, now):
+    def borrow_allowance(self, host_budget, running, kv_device_bytes):
         return host_budget
 
     def observe(self, step_seconds, work, decoding, waiting, now):
@@ -242,14 +242,14 @@ class SLOPolicy:
         buffer."""
         return min(self.host_buffer, host_budget)
 
-    def borrow_allowance(self, host_budget, running, kv_device_bytes, now):
+    def borrow_allowance(self, host_budget, running, kv_device_bytes):
         """Host bytes of KV the coming step may read in place (borrowed) to run requests side by side: the
         logical host buffer, within what the cost model says reading them is worth (our addition; eLLM's
         buffer sees only breaches). With TPOT targets running, the bytes more whose reading keeps the
         decode step of those decoding (the KV borrowed already priced in) within `slack` of the tightest
         of their targets. Without, borrowing pays only if it raises decode throughput: with D bytes of
-        the running requests' KV on the device (kv_device_bytes, at most) and k more requests of their mean size
-        borrowed, a step's time per token, (fixed + c * borrowed bytes) / (n + k) plus the costs per
+        the running requests' KV on the device (kv_device_bytes, at most) and k more requests of their
+        mean size borrowed, a step's time per token, (fixed + c * borrowed bytes) / (n + k) plus the costs per
         request, falls with k exactly when reading D from host memory would cost less than the step's
         fixed part (c * D < fixed), whatever k: then all of the buffer, else none. None until the model
         is ready, unless reading host memory costs nothing more (the CPU)."""

@@ -136,7 +136,7 @@ class Scheduler:
         # The KV's device bytes stand for the running requests': more (its free tail, cached blocks), so
         # they err towards borrowing less.
         self._borrow_allowance = self._host_budget and self.policy.borrow_allowance(
-            self._host_budget, self.running, self.memory.kv.device_bytes, time.perf_counter())
+            self._host_budget, self.running, self.memory.kv.device_bytes)
         squeezed, self._squeezed = self._squeezed, False
         if self.prefill_first and squeezed:
             # Memory cut the last step's prefill short while decodes hold it: they run now, and as they
