@@ -297,10 +297,17 @@ void Pool::map_accessible(uintptr_t addr, Handle h) {
   }
 }
 
-void Pool::map(uintptr_t addr, const Chunk& c) {
-  map_accessible(addr, c.handle);
+void Pool::map(uintptr_t addr, const std::vector<Chunk>& chunks) {
+  size_t mapped = 0;
+  try {
+    for (; mapped < chunks.size(); ++mapped) backend_->map(addr + mapped * chunk_bytes_, chunk_bytes_, chunks[mapped].handle);
+    if (mapped > 0) backend_->set_access(addr, mapped * chunk_bytes_);
+  } catch (...) {
+    if (mapped > 0) backend_->unmap(addr, mapped * chunk_bytes_);
+    throw;
+  }
   std::lock_guard<std::mutex> lock(mu_);
-  tier(c.where).mapped += 1;
+  for (const Chunk& c : chunks) tier(c.where).mapped += 1;
 }
 
 void Pool::unmap(uintptr_t addr, const std::vector<Chunk>& chunks, bool wait) {

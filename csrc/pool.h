@@ -93,10 +93,11 @@ class Pool : public std::enable_shared_from_this<Pool> {
   size_t free_chunks(Location where, Tag tag) const;
   void release(const std::vector<Chunk>& chunks, Tag tag);
 
-  // Address ranges and mappings, counted. map() also sets access.
+  // Address ranges and mappings, counted. map() maps consecutive chunks starting at addr and sets
+  // access once for all of them: the driver's access call costs per call, not per chunk.
   uintptr_t reserve(size_t bytes);
   void free_range(uintptr_t addr, size_t bytes);
-  void map(uintptr_t addr, const Chunk& c);
+  void map(uintptr_t addr, const std::vector<Chunk>& chunks);
   // Unmap consecutive chunks starting at addr, after queued work has finished (wait false: chunks
   // just mapped, which no work can have touched; no synchronize, which a CUDA graph capture forbids).
   void unmap(uintptr_t addr, const std::vector<Chunk>& chunks, bool wait = true);

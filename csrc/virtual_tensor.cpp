@@ -87,11 +87,9 @@ void VirtualTensor::resize_locked(size_t nbytes, bool may_deflate) {
   size_t need = (nbytes + chunk_ - 1) / chunk_, have = chunks_.size();
   if (need > have) {
     std::vector<Chunk> fresh = pool_->acquire(need - have, Location::Device, tag_, may_deflate);
-    size_t mapped = 0;
     try {
-      for (; mapped < fresh.size(); ++mapped) pool_->map(base_ + (have + mapped) * chunk_, fresh[mapped]);
+      pool_->map(base_ + have * chunk_, fresh);  // all or nothing
     } catch (...) {
-      pool_->unmap(base_ + have * chunk_, std::vector<Chunk>(fresh.begin(), fresh.begin() + mapped), false);
       pool_->release(fresh, tag_);
       throw;
     }
