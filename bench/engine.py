@@ -265,6 +265,7 @@ def main():
                           preemption="borrow" if policy == "slo" else "recompute", activation_profile=profile,
                           prefill_first=label.endswith("prefill first"), **config["engine_args"])
                 summary = serve(llm, requests, vocab, args.seed)
+                summary["borrowed_byte_seconds"] = llm.cost.borrowed_byte_seconds  # measured at start-up (SLO)
                 summary["timeline"] = [(s["end"] - llm.metrics.steps[0]["start"], s["batch"], s["kv_bytes"],
                                         s["activation_bytes"], s["borrowed_bytes"]) for s in llm.metrics.steps]
                 llm.close()
@@ -315,7 +316,9 @@ def print_ratio_lines(name, rows, suffix):
               f"max batch x{ratio('max_batch'):.2f} [3]  max decode batch x{ratio('max_decode_batch'):.2f}  "
               f"goodput x{ratio('goodput_rps'):.2f} [2.5]  "
               f"attainment {r['slo_attainment']:.2f} vs {base['slo_attainment']:.2f}{spread(r, base)}  "
-              f"overhead {r['overhead_pct']:.1f}% [<5] (memory {r['memory_overhead_pct']:.1f}%)")
+              f"overhead {r['overhead_pct']:.1f}% [<5] (memory {r['memory_overhead_pct']:.1f}%)"
+              + (f"  borrowed KV priced at {1e-9 / r['borrowed_byte_seconds']:.1f} GB/s"
+                 if r.get("borrowed_byte_seconds") else ""))
 
 
 def spread(row, base):
