@@ -303,11 +303,21 @@ void Pool::map(uintptr_t addr, const std::vector<Chunk>& chunks) {
     for (; mapped < chunks.size(); ++mapped) backend_->map(addr + mapped * chunk_bytes_, chunk_bytes_, chunks[mapped].handle);
     if (mapped > 0) backend_->set_access(addr, mapped * chunk_bytes_);
   } catch (...) {
-    if (mapped > 0) backend_->unmap(addr, mapped * chunk_bytes_);
+    if (mapped > 0) unmap_or_stop(addr, mapped * chunk_bytes_, "a failed map");
     throw;
   }
   std::lock_guard<std::mutex> lock(mu_);
   for (const Chunk& c : chunks) tier(c.where).mapped += 1;
+}
+
+void Pool::unmap_or_stop(uintptr_t addr, size_t bytes, const char* what) {
+  try {
+    backend_->unmap(addr, bytes);
+  } catch (const std::exception& e) {
+    // The chunks would go back to the cache still mapped here and could be handed out twice: stop.
+    std::fprintf(stderr, "torch_ellm: fatal: %s could not be unmapped: %s\n", what, e.what());
+    std::terminate();
+  }
 }
 
 void Pool::unmap(uintptr_t addr, const std::vector<Chunk>& chunks, bool wait) {
@@ -335,13 +345,7 @@ void Pool::migrate(uintptr_t addr, const Chunk& from, const Chunk& to) {
     try {
       backend_->copy(addr, from.handle, chunk_bytes_);
     } catch (...) {
-      try {
-        backend_->unmap(addr, chunk_bytes_);
-      } catch (const std::exception& e) {
-        // `to` would go back to the cache still mapped here and could be handed out twice: stop.
-        std::fprintf(stderr, "torch_ellm: fatal: a failed prefetch copy could not be unmapped: %s\n", e.what());
-        std::terminate();
-      }
+      unmap_or_stop(addr, chunk_bytes_, "a failed prefetch copy");
       throw;
     }
     std::lock_guard<std::mutex> lock(mu_);

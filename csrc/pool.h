@@ -97,7 +97,7 @@ class Pool : public std::enable_shared_from_this<Pool> {
   // access once for all of them: the driver's access call costs per call, not per chunk.
   uintptr_t reserve(size_t bytes);
   void free_range(uintptr_t addr, size_t bytes);
-  void map(uintptr_t addr, const std::vector<Chunk>& chunks);
+  void map(uintptr_t addr, const std::vector<Chunk>& chunks);  // chunks with memory behind them: not parked
   // Unmap consecutive chunks starting at addr, after queued work has finished (wait false: chunks
   // just mapped, which no work can have touched; no synchronize, which a CUDA graph capture forbids).
   void unmap(uintptr_t addr, const std::vector<Chunk>& chunks, bool wait = true);
@@ -178,6 +178,8 @@ class Pool : public std::enable_shared_from_this<Pool> {
   std::vector<std::shared_ptr<VirtualTensor>> tensors_locked(bool borrowable_only) const;
   // backend map + set_access, undone if access fails.
   void map_accessible(uintptr_t addr, Handle h);
+  // Undo a mapping after a failure; if even that fails, the process stops (see the definition).
+  void unmap_or_stop(uintptr_t addr, size_t bytes, const char* what);
   Handle new_chunk(Location where);
   void drop_chunk(Handle h, Location where);
   Tier& tier(Location l) { return tiers_[static_cast<int>(l)]; }
