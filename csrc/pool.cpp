@@ -287,25 +287,19 @@ void Pool::free_range(uintptr_t addr, size_t bytes) {
   reserved_bytes_ -= bytes;
 }
 
-void Pool::map_accessible(uintptr_t addr, Handle h) {
-  backend_->map(addr, chunk_bytes_, h);
+void Pool::map_accessible(uintptr_t addr, const Chunk* chunks, size_t n) {
+  size_t mapped = 0;
   try {
-    backend_->set_access(addr, chunk_bytes_);
+    for (; mapped < n; ++mapped) backend_->map(addr + mapped * chunk_bytes_, chunk_bytes_, chunks[mapped].handle);
+    if (n > 0) backend_->set_access(addr, n * chunk_bytes_);
   } catch (...) {
-    backend_->unmap(addr, chunk_bytes_);
+    if (mapped > 0) unmap_or_stop(addr, mapped * chunk_bytes_, "a failed map");
     throw;
   }
 }
 
 void Pool::map(uintptr_t addr, const std::vector<Chunk>& chunks) {
-  size_t mapped = 0;
-  try {
-    for (; mapped < chunks.size(); ++mapped) backend_->map(addr + mapped * chunk_bytes_, chunk_bytes_, chunks[mapped].handle);
-    if (mapped > 0) backend_->set_access(addr, mapped * chunk_bytes_);
-  } catch (...) {
-    if (mapped > 0) unmap_or_stop(addr, mapped * chunk_bytes_, "a failed map");
-    throw;
-  }
+  map_accessible(addr, chunks.data(), chunks.size());
   std::lock_guard<std::mutex> lock(mu_);
   for (const Chunk& c : chunks) tier(c.where).mapped += 1;
 }
@@ -341,7 +335,7 @@ void Pool::migrate(uintptr_t addr, const Chunk& from, const Chunk& to) {
     return;
   }
   if (parked(from)) {
-    map_accessible(addr, to.handle);
+    map_accessible(addr, &to, 1);
     try {
       backend_->copy(addr, from.handle, chunk_bytes_);
     } catch (...) {
@@ -354,7 +348,7 @@ void Pool::migrate(uintptr_t addr, const Chunk& from, const Chunk& to) {
   }
   {
     std::lock_guard<std::mutex> lock(staging_mu_);
-    map_accessible(staging_, to.handle);
+    map_accessible(staging_, &to, 1);
     try {
       backend_->copy(staging_, addr, chunk_bytes_);
     } catch (...) {
@@ -372,7 +366,7 @@ void Pool::migrate(uintptr_t addr, const Chunk& from, const Chunk& to) {
     } catch (...) {
     }
     try {
-      map_accessible(addr, from.handle);
+      map_accessible(addr, &from, 1);
     } catch (...) {
     }
     throw;

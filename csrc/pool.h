@@ -176,8 +176,8 @@ class Pool : public std::enable_shared_from_this<Pool> {
   std::vector<Consumer> consumers_copy() const;
   // Live attached tensors (those of borrowable tags only, if asked). Needs mu_.
   std::vector<std::shared_ptr<VirtualTensor>> tensors_locked(bool borrowable_only) const;
-  // backend map + set_access, undone if access fails.
-  void map_accessible(uintptr_t addr, Handle h);
+  // Backend map of n consecutive chunks + one set_access for them all, uncounted; undone on failure.
+  void map_accessible(uintptr_t addr, const Chunk* chunks, size_t n);
   // Undo a mapping after a failure; if even that fails, the process stops (see the definition).
   void unmap_or_stop(uintptr_t addr, size_t bytes, const char* what);
   Handle new_chunk(Location where);
