@@ -128,11 +128,10 @@ def host_read_seconds(pool, most_bytes=None, repeats=7):
     scratch = pool.virtual_tensor(2 * half, tag="kv")
     try:
         return _extra_read_seconds(scratch, half, repeats)
-    except OutOfMemoryError as e:  # another user of the pool took the room meanwhile
-        traceback.clear_frames(e.__traceback__)  # their views of scratch would refuse the release
-        return None
     except BaseException as e:
-        traceback.clear_frames(e.__traceback__)
+        traceback.clear_frames(e.__traceback__)  # their views of scratch would refuse the release
+        if isinstance(e, OutOfMemoryError):  # another user of the pool took the room meanwhile
+            return None
         raise
     finally:
         scratch.release()
